@@ -1,0 +1,39 @@
+# `make demo` runs the main job on the CPU; `make test` runs the tests. Both set up .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED := $(abspath ../shared/data)
+
+# Offline defaults: the sample data and GPT-2 BPE file beside the checkout, when present.
+ifneq ($(wildcard $(SHARED)/gpt2.tiktoken),)
+export TINYGEMMA_GPT2_BPE ?= $(SHARED)/gpt2.tiktoken
+endif
+ifneq ($(wildcard $(SHARED)/tinystories),)
+export TINYSTORIES_DIR ?= $(SHARED)/tinystories
+endif
+
+.PHONY: setup test lint demo clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned and installed first so that nothing later pulls a multi-GB CUDA build here.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/tinygemma info --model tiny
+	$(PY) -c "import torch; from tinygemma import Gemma3, load_model_config; \
+	m = Gemma3(load_model_config('tiny')); x = torch.randint(0, 50257, (1, 32)); \
+	print('logits', tuple(m(x).shape), 'params', m.num_params())"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from tinygemma.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,30 @@
+import json
+import subprocess
+import sys
+
+from tinygemma.cli import main
+
+
+def test_info_reports_270m(capsys):
+    assert main(["info", "--model", "gemma3-270m"]) == 0
+    out = capsys.readouterr().out
+    assert "132,490,496" in out and "32,164,480" in out and "100,325,376" in out
+
+
+def test_info_json_and_checkpoint(tmp_path, capsys):
+    from tinygemma.model import Gemma3, load_model_config
+
+    Gemma3(load_model_config("tiny")).save_pretrained(tmp_path)
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["hidden_size"] == 64
+    assert info["params"]["total"] == Gemma3(load_model_config("tiny")).num_params()
+    assert info["train_flops_per_token"] > 6 * info["params"]["blocks"]
+
+
+def test_bad_preset_is_one_line_error():
+    proc = subprocess.run([sys.executable, "-m", "tinygemma", "info", "--model", "gemma9"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "unknown model 'gemma9'" in proc.stderr
