@@ -1,0 +1,359 @@
+"""Make a model folder a complete Hugging Face model: tokenizer, generation config, model card.
+
+``write_hf_files(folder, info)`` adds to a folder written by ``Gemma3.save_pretrained``:
+
+- ``tokenizer.json`` / ``tokenizer_config.json`` / ``special_tokens_map.json``: GPT-2's BPE, built
+  offline from the same tiktoken ranks the project encodes with, by transformers' own
+  ``TikTokenConverter``; ``<|endoftext|>`` (50256) is bos, eos, pad and unk, as in GPT-2.
+- ``generation_config.json``: eos/bos/pad 50256 and the project's default sampling settings.
+- ``README.md``: a model card (Hugging Face YAML front matter + markdown).
+
+``tinygemma export CKPT OUT`` copies a checkpoint into a clean folder with only these files
+plus config.json and model.safetensors (optionally cast to bf16/fp32), for sharing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict, load_json
+from tinygemma.tokenizer import EOT_ID, EOT_TOKEN
+
+if TYPE_CHECKING:
+    from tinygemma.model import ModelConfig
+
+# The generation module's SamplingConfig defaults (max_new_tokens, temperature, top_k, top_p);
+# a test keeps the two in step.
+SAMPLING_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
+MODEL_FILES = ("config.json", "model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_FILES = (*MODEL_FILES, *TOKENIZER_FILES, "generation_config.json", "README.md")
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # --dtype -> torch / config.json name
+
+
+@dataclass
+class CardInfo:
+    """What the model card says beyond config.json; every field is optional."""
+
+    name: str | None = None  # title; default: the folder's name
+    step: int | None = None
+    tokens_seen: int | None = None
+    val_loss: float | None = None  # mean cross-entropy (nats/token) on TinyStories validation
+    val_tokens: int | None = None  # how many validation tokens val_loss averages over
+    recipe: str | None = None
+    hardware: str | None = None
+    training_time_s: float | None = None
+    samples: list[str] = field(default_factory=list)
+    train_config: dict[str, Any] | None = None
+    license: str = "apache-2.0"
+
+
+# -- files ---------------------------------------------------------------------------------------
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_texts() -> dict[str, str]:
+    """The tokenizer files' text, built once per process (about a second) from the project's ranks."""
+    from tiktoken_ext.openai_public import r50k_pat_str
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from tinygemma.tokenizer import get_encoding
+
+    enc = get_encoding()
+    # decode_single_token_bytes is tiktoken's public view of the ranks; the id of each token is its rank.
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(EOT_ID)}
+
+    class _Converter(TikTokenConverter):
+        def load_tiktoken_bpe(self, _path: str) -> dict[bytes, int]:  # ranks come from memory, not a URL
+            return ranks
+
+    backend = _Converter(vocab_file="", pattern=r50k_pat_str, extra_special_tokens=[EOT_TOKEN]).converted()
+    if backend.token_to_id(EOT_TOKEN) != EOT_ID or backend.get_vocab_size() != EOT_ID + 1:
+        raise RuntimeError("tokenizer conversion did not reproduce GPT-2's vocabulary")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOT_TOKEN, eos_token=EOT_TOKEN,
+                                  unk_token=EOT_TOKEN, pad_token=EOT_TOKEN, clean_up_tokenization_spaces=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        texts = {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.name in TOKENIZER_FILES}
+    config = json.loads(texts["tokenizer_config.json"])
+    # The generic fast class loads tokenizer.json verbatim in transformers 4.x and 5.x; GPT2Tokenizer(Fast)
+    # in 5.x rebuilds its own pipeline from vocab + merges and would drop the converter's settings.
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    texts["tokenizer_config.json"] = json.dumps(config, indent=2)
+    # transformers 5 keeps special tokens in tokenizer_config.json; older tools still read this file.
+    texts["special_tokens_map.json"] = json.dumps(
+        {k: EOT_TOKEN for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2)
+    return texts
+
+
+def write_tokenizer_files(folder: Path, context_length: int) -> None:
+    for name, text in _tokenizer_texts().items():
+        if name == "tokenizer_config.json":
+            text = json.dumps({**json.loads(text), "model_max_length": context_length}, indent=2)
+        _write_text(folder / name, text + "\n")
+
+
+def generation_config(eot_id: int = EOT_ID) -> dict[str, Any]:
+    return {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id, "do_sample": True,
+            **SAMPLING_DEFAULTS}
+
+
+def _read_model_config(folder: Path) -> ModelConfig:
+    from tinygemma.model import ModelConfig
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder}: not a model folder (no config.json)")
+    return ModelConfig.from_hf(load_json(folder / "config.json"), str(folder / "config.json"))
+
+
+def _default_name(folder: Path) -> str:
+    """The folder's name, or the run's for the trainer's ``best/`` and ``checkpoint-STEP/``."""
+    folder = folder.resolve()
+    if folder.name == "best" or folder.name.startswith("checkpoint-"):
+        return f"{folder.parent.name} ({folder.name})"
+    return folder.name
+
+
+def write_hf_files(folder: str | os.PathLike, info: dict[str, Any] | None = None, *, card: bool = True) -> Path:
+    """Add tokenizer files, generation_config.json and (if ``card``) a README.md model card to a
+    model folder written by ``Gemma3.save_pretrained``. ``info`` holds CardInfo's fields."""
+    folder = Path(folder)
+    cfg = _read_model_config(folder)
+    card_info = from_dict(CardInfo, info or {}, "model card info")
+    write_tokenizer_files(folder, cfg.context_length)
+    _write_text(folder / "generation_config.json", json.dumps(generation_config(cfg.eot_token_id), indent=2) + "\n")
+    if card:
+        _write_text(folder / "README.md", model_card(cfg, card_info, card_info.name or _default_name(folder)))
+    return folder
+
+
+# -- the model card ------------------------------------------------------------------------------
+GEMMA3_BIBTEX = """@article{gemma3_2025,
+  title   = {Gemma 3 Technical Report},
+  author  = {{Gemma Team, Google DeepMind}},
+  journal = {arXiv preprint arXiv:2503.19786},
+  year    = {2025}
+}"""
+TINYSTORIES_BIBTEX = """@article{eldan2023tinystories,
+  title   = {TinyStories: How Small Can Language Models Be and Still Speak Coherent English?},
+  author  = {Eldan, Ronen and Li, Yuanzhi},
+  journal = {arXiv preprint arXiv:2305.07759},
+  year    = {2023}
+}"""
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def _duration(seconds: float) -> str:
+    h, rest = divmod(round(seconds), 3600)
+    return f"{h} h {rest // 60} min" if h else f"{rest // 60} min {rest % 60} s"
+
+
+def model_card(cfg: ModelConfig, info: CardInfo, name: str) -> str:
+    from tinygemma.model import FULL
+
+    sizes = cfg.param_breakdown()
+    n_full = cfg.layer_types.count(FULL)
+    front = "\n".join([
+        "---", f"license: {info.license}", "library_name: transformers", "pipeline_tag: text-generation",
+        "language:", "- en", "datasets:", "- roneneldan/TinyStories",
+        "tags:", "- gemma3", "- gemma3_text", "- tinystories", "- tinygemma", "- from-scratch", "---", ""])
+    lines = [
+        f"# {name}", "",
+        f"A {_count(sizes['total'])}-parameter language model with Google DeepMind's **Gemma 3** architecture, "
+        "trained **from scratch** (no Gemma weights) on **TinyStories**, short English stories for young "
+        "children, with the **GPT-2 tokenizer** (50,257 tokens). It was made with tinygemma and loads in "
+        "🤗 transformers as `Gemma3ForCausalLM`.", "",
+        "## Model details", "",
+        "| | |", "| --- | --- |",
+        "| architecture | Gemma 3 text decoder (`Gemma3ForCausalLM`, `model_type: gemma3_text`) |",
+        f"| layers | {cfg.num_layers} ({cfg.num_layers - n_full} sliding-window, {n_full} global attention) |",
+        f"| hidden size | {cfg.hidden_size} |",
+        f"| attention | {cfg.num_heads} query heads, {cfg.num_kv_heads} key/value heads (grouped-query), "
+        f"head dim {cfg.head_dim}, QK-norm |",
+        f"| sliding window | {cfg.sliding_window} tokens |",
+        f"| RoPE base | {cfg.rope_local_base:,.0f} (local), {cfg.rope_global_base:,.0f} (global) |",
+        f"| MLP | GeGLU (tanh GELU), intermediate size {cfg.intermediate_size} |",
+        "| normalisation | RMSNorm with (1 + w) scale, before and after attention and MLP |",
+        f"| embeddings | {'tied input/output' if cfg.tie_embeddings else 'separate output head'}, "
+        "scaled by sqrt(hidden size) |",
+        f"| context length | {cfg.context_length:,} positions |",
+        f"| vocabulary | {cfg.vocab_size:,} (GPT-2 BPE; `<|endoftext|>` = {cfg.eot_token_id} is bos, eos and pad) |",
+        "",
+        "| parameters | count |", "| --- | ---: |",
+        f"| embedding | {sizes['embedding']:,} |",
+        f"| transformer blocks ({cfg.num_layers} x {sizes['per_block']:,}) | {sizes['blocks']:,} |",
+        f"| final norm | {sizes['final_norm']:,} |",
+    ]
+    if sizes["lm_head"]:
+        lines.append(f"| output head | {sizes['lm_head']:,} |")
+    lines += [f"| **total** | **{sizes['total']:,}** |", "",
+              "The full configuration is in `config.json`; `tinygemma info PATH` prints it with the FLOPs per token.",
+              "", "## Training data", "",
+              "[TinyStories](https://huggingface.co/datasets/roneneldan/TinyStories) (Eldan & Li, 2023): "
+              "synthetic short stories written by GPT-3.5 and GPT-4 using only words a 3-4 year old "
+              "understands. Licence: Community Data License Agreement – Sharing 1.0 (CDLA-Sharing-1.0). "
+              "Each story is followed by `<|endoftext|>` during training."]
+    if info.tokens_seen is not None:
+        lines.append(f"\nTokens seen in training: **{info.tokens_seen:,}** ({_count(info.tokens_seen)}).")
+    lines += ["", "## Training", ""]
+    facts = []
+    if info.recipe:
+        facts.append(f"- recipe: {info.recipe}")
+    if info.step is not None:
+        facts.append(f"- optimizer steps: {info.step:,}")
+    if info.hardware:
+        facts.append(f"- hardware: {info.hardware}")
+    if info.training_time_s is not None:
+        facts.append(f"- training time: {_duration(info.training_time_s)}")
+    lines += facts or ["Pre-training with next-token cross-entropy; this checkpoint did not record its recipe."]
+    if info.train_config:
+        lines += ["", "<details><summary>training configuration</summary>", "", "```json",
+                  json.dumps(info.train_config, indent=2, sort_keys=True, default=str), "```", "", "</details>"]
+    lines += ["", "## Evaluation", ""]
+    if info.val_loss is not None:
+        over = f" over {info.val_tokens:,} tokens" if info.val_tokens else ""
+        lines += ["| metric (TinyStories validation) | value |", "| --- | ---: |",
+                  f"| cross-entropy loss (nats/token){over} | {info.val_loss:.4f} |",
+                  f"| perplexity | {math.exp(info.val_loss):.2f} |"]
+    else:
+        lines.append("Not evaluated yet: `tinygemma eval PATH` measures validation loss and perplexity.")
+    lines += ["", "## Sample stories", ""]
+    if info.samples:
+        for i, text in enumerate(info.samples, 1):
+            lines += [f"**Sample {i}**", "", *(f"> {row}" if row else ">" for row in text.strip().split("\n")), ""]
+    else:
+        lines.append("None recorded with this checkpoint; generate some with the snippet below.")
+    lines += [
+        "", "## How to use", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
+        "",
+        'path = "path/to/this/folder"  # or a Hub repo id',
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        "model = AutoModelForCausalLM.from_pretrained(path)",
+        'ids = tokenizer("Once upon a time", return_tensors="pt").input_ids',
+        "out = model.generate(ids)  # sampling settings come from generation_config.json",
+        "print(tokenizer.decode(out[0], skip_special_tokens=True))",
+        "",
+        '# or: pipeline("text-generation", model=path)("Once upon a time")[0]["generated_text"]',
+        "```", "",
+        "With tinygemma installed, `tinygemma generate` samples from this folder too.", "",
+        "Stories end with `<|endoftext|>` (the eos token), so generation stops by itself. Do not add a "
+        "bos token: the model was trained on plain story text.", "",
+        "## Intended use and limitations", "",
+        "- For learning, research and demos about small language models: how architecture, data and "
+        "training budget shape what a model can write.",
+        "- It writes simple English children's stories; it is not an assistant, knows little about the "
+        "world, cannot follow instructions and will produce incoherent or wrong text, especially far "
+        "from the TinyStories style or in other languages.",
+        "- TinyStories was generated by GPT-3.5/GPT-4; the model may repeat that data's biases and "
+        "stereotypes. Review outputs before showing them to children or anyone else.",
+        "- Not evaluated for safety; do not use it for decisions about people.", "",
+        "## Citation", "",
+        "```bibtex", GEMMA3_BIBTEX, "", TINYSTORIES_BIBTEX, "```", ""]
+    return front + "\n".join(lines)
+
+
+# -- tinygemma export ----------------------------------------------------------------------------
+@dataclass
+class ExportConfig:
+    source: str = ""
+    out: str = ""
+    dtype: str | None = field(default=None, metadata={"help": "cast the weights: bf16 or fp32 (default: as stored)"})
+    force: bool = field(default=False, metadata={"help": "replace OUT if it exists and is not empty"})
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return all((path / name).is_file() for name in MODEL_FILES)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a run folder whose ``best/`` is one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such checkpoint folder")
+    for candidate in (path, path / "best"):
+        if _is_checkpoint(candidate):
+            return candidate
+    raise UserError(f"{path}: not a checkpoint (needs config.json and model.safetensors) nor a run folder with best/")
+
+
+def export(cfg: ExportConfig) -> Path:
+    """Copy checkpoint ``cfg.source`` to ``cfg.out`` with only the Hugging Face files; atomic."""
+    src = resolve_checkpoint(cfg.source)
+    out = Path(cfg.out)
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype {cfg.dtype!r}: choose {' or '.join(DTYPES)}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not cfg.force:
+        raise UserError(f"{out}: exists and is not empty (use --force to replace it)")
+    s, o = src.resolve(), out.resolve()
+    if s == o or o in s.parents or s in o.parents:  # --force would delete the source
+        raise UserError(f"{out}: overlaps the checkpoint {src}; choose another folder")
+    import torch
+
+    from tinygemma.model import Gemma3
+
+    model = Gemma3.from_pretrained(src)  # checks every tensor against config.json
+    stored = load_json(src / "config.json").get("dtype", "float32")
+    dtype = getattr(torch, DTYPES[cfg.dtype] if cfg.dtype else str(stored), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise UserError(f"{src / 'config.json'}: unknown dtype {stored!r}; pass --dtype")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        model.to(dtype).save_pretrained(tmp)
+        has_card = (src / "README.md").is_file()
+        if has_card:  # the card written during training knows the run (data seen, losses, samples)
+            shutil.copyfile(src / "README.md", tmp / "README.md")
+        write_hf_files(tmp, {"name": out.resolve().name}, card=not has_card)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _export_cmd(args: argparse.Namespace) -> int:
+    cfg = from_dict(ExportConfig, {"source": args.checkpoint, "out": args.out,
+                                   **dataclass_overrides(args, ExportConfig)}, "export")
+    out = export(cfg)
+    sizes = sorted((p.name, p.stat().st_size) for p in out.iterdir())
+    print(f"exported {resolve_checkpoint(cfg.source)} -> {out}")
+    for name, size in sizes:
+        print(f"  {name:<26}{size:>14,} bytes")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="copy a checkpoint to a clean Hugging Face model folder (no trainer state)",
+                       description="Copy a checkpoint (or a run folder's best/) to OUT with config.json, "
+                                   "model.safetensors, tokenizer files, generation_config.json and a model card; "
+                                   "optimizer and trainer state stay behind.")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder, or a run folder (uses its best/)")
+    p.add_argument("out", metavar="OUT", help="folder to create")
+    add_dataclass_args(p, ExportConfig, skip=("source", "out"))
+    p.set_defaults(func=_export_cmd)
