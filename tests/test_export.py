@@ -191,8 +191,9 @@ def test_export_run_folder_bf16(ckpt, model, tmp_path):
     # Logits, computed in fp32 from the bf16 weights, against the fp32 model. bf16 keeps 8 significant
     # bits, so each weight moves by a relative rounding error of RMS about 2^-9/sqrt(3); errors from the
     # n rounded tensors on the path (the tied embedding counts twice: input and output) add in
-    # quadrature, so the relative RMS logit error should be about sqrt(n) * 2^-9/sqrt(3) (0.73% here,
-    # measured 0.6%). We allow twice that.
+    # quadrature, so the relative RMS logit error should be about sqrt(n) * 2^-9/sqrt(3): 0.73% here. The
+    # random (1 + w) norm scales amplify it a little: 0.86-1.05% measured over six seeds. We allow twice
+    # the estimate (1.46%).
     hf32 = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = ids_batch(4, 64)
     with torch.no_grad():
@@ -203,6 +204,10 @@ def test_export_run_folder_bf16(ckpt, model, tmp_path):
     with torch.no_grad():  # and transformers' bf16 model computes what ours does with rounded weights
         rounded = randomised().to(torch.bfloat16).float()
         assert (rounded(ids) - got).abs().max().item() < 1e-4
+    # Exporting the export keeps bf16 by default, bit for bit (bf16 -> fp32 -> bf16 is exact).
+    export(ExportConfig(source=str(out), out=str(tmp_path / "again")))
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(again[k], dst[k]) for k in dst)
 
 
 def one_line_error(capsys, argv) -> str:

@@ -193,7 +193,8 @@ def model_card(cfg: ModelConfig, info: CardInfo, name: str) -> str:
         f"| embeddings | {'tied input/output' if cfg.tie_embeddings else 'separate output head'}, "
         "scaled by sqrt(hidden size) |",
         f"| context length | {cfg.context_length:,} positions |",
-        f"| vocabulary | {cfg.vocab_size:,} (GPT-2 BPE; `<|endoftext|>` = {cfg.eot_token_id} is bos, eos and pad) |",
+        # no `<|endoftext|>` here: a "|" splits a table cell even inside backticks
+        f"| vocabulary | {cfg.vocab_size:,} (GPT-2 BPE; end of text, id {cfg.eot_token_id}, is bos, eos and pad) |",
         "",
         "| parameters | count |", "| --- | ---: |",
         f"| embedding | {sizes['embedding']:,} |",
@@ -275,7 +276,7 @@ def model_card(cfg: ModelConfig, info: CardInfo, name: str) -> str:
 class ExportConfig:
     source: str = ""
     out: str = ""
-    dtype: str | None = field(default=None, metadata={"help": "cast the weights: bf16 or fp32 (default: as stored)"})
+    dtype: str | None = field(default=None, metadata={"help": "bf16 or fp32; None keeps the stored dtype"})
     force: bool = field(default=False, metadata={"help": "replace OUT if it exists and is not empty"})
 
 
