@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+import tokenizers
 import torch
 import transformers
 from huggingface_hub import ModelCard
@@ -72,6 +73,8 @@ def test_tokenizer_edge_cases_and_special_tokens(ckpt, tokenizer):
              "numbers 1234567 3.14159 -42", "café naïve 😀 日本語 \u00a0nbsp", "x" * 300, "<|endoftext|"]
     assert [tok.encode(t) for t in texts] == [tokenizer.encode(t) for t in texts]
     assert [tok.decode(tokenizer.encode(t)) for t in texts] == texts
+    raw = tokenizers.Tokenizer.from_file(str(ckpt / "tokenizer.json"))  # tools that skip transformers
+    assert [e.ids for e in raw.encode_batch(texts)] == [tokenizer.encode(t) for t in texts]
     assert len(tok) == 50257 and tok.model_max_length == 512  # the tiny preset's context
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         assert getattr(tok, name) == 50256, name

@@ -114,6 +114,7 @@ def generation_config(eot_id: int = EOT_ID) -> dict[str, Any]:
 
 def _read_model_config(folder: Path) -> ModelConfig:
     from tinygemma.model import ModelConfig
+
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder}: not a model folder (no config.json)")
     return ModelConfig.from_hf(load_json(folder / "config.json"), str(folder / "config.json"))
