@@ -11,9 +11,16 @@ ifneq ($(wildcard $(SHARED)/tinystories),)
 export TINYSTORIES_DIR ?= $(SHARED)/tinystories
 endif
 
-.PHONY: setup test lint demo clean
+.PHONY: setup browser test lint demo clean
 
 setup: $(VENV)/.installed
+
+# The studio's browser test drives Debian's headless Chromium; install it when missing (needs root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "warning: chromium/chromedriver missing and not root: the browser test will fail"
 
 # torch is pinned and installed first so that nothing later pulls a multi-GB CUDA build here.
 $(VENV)/.installed: pyproject.toml
@@ -26,7 +33,7 @@ $(VENV)/.installed: pyproject.toml
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup lint
+test: setup browser lint
 	$(PY) -m pytest -q
 
 demo: setup
