@@ -561,6 +561,7 @@ def prepare(cfg: PrepareConfig, command: str | None = None) -> dict:
         print(f"{out}: up to date (same source, options and tokenizer); nothing to do (use --force to redo)",
               file=sys.stderr)
         return meta
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -600,17 +601,13 @@ def prepare(cfg: PrepareConfig, command: str | None = None) -> dict:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        for w in writers.values():
-            w.discard()
-        (out / "meta.json.tmp").unlink(missing_ok=True)
+        _discard(writers, out, created)
         name = e.filename or out
-        if str(name).endswith(".tmp"):
+        if e.filename is None or str(name).endswith(".tmp"):
             raise UserError(f"{name}: write failed ({e.strerror or e}); the existing data was left as it was") from None
         raise UserError(f"{name}: cannot read ({e.strerror or e})") from None
     except BaseException:
-        for w in writers.values():
-            w.discard()
-        (out / "meta.json.tmp").unlink(missing_ok=True)
+        _discard(writers, out, created)
         raise
     # Everything is on disk. Drop the old meta.json first so a kill between the renames leaves no valid set.
     (out / "meta.json").unlink(missing_ok=True)
@@ -625,6 +622,17 @@ def prepare(cfg: PrepareConfig, command: str | None = None) -> dict:
           f"({nbytes / 1e6 / secs:.1f} MB/s, {sum(w.tokens for w in writers.values()) / secs:,.0f} tokens/s, "
           f"{workers} workers)", file=sys.stderr)
     return meta
+
+
+def _discard(writers: dict[str, _SplitWriter], out: Path, created: bool) -> None:
+    for w in writers.values():
+        w.discard()
+    (out / "meta.json.tmp").unlink(missing_ok=True)
+    if created:
+        try:
+            out.rmdir()
+        except OSError:  # not empty: someone else put files there meanwhile
+            pass
 
 
 def _fsync_dir(path: Path) -> None:
