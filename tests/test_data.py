@@ -356,6 +356,10 @@ def test_bad_inputs(tmp_path, capsys, small_dir):
     (small_dir / "TinyStories-valid.txt").unlink()
     _fails(capsys, ["--source", str(small_dir), "--out", str(out)],
            "has TinyStories-train.txt but no TinyStories-valid.txt; refusing", "to split that file")
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["A story."]}), tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    _fails(capsys, ["--source", str(tmp_path / "hub"), "--out", str(out)],
+           "hub: has a train split but no validation split; refusing")
     assert not out.exists()
     (tmp_path / "afile").write_text("x")
     _fails(capsys, ["--source", str(small_dir / "TinyStories-train.txt"), "--out", str(tmp_path / "afile")],

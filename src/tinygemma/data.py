@@ -371,6 +371,10 @@ def _hub_inputs(source: str, cfg: PrepareConfig, local: bool) -> list[_Input]:
     if "train" not in splits:
         raise UserError(f"{source}: no 'train' split (have {', '.join(dsd) or 'none'})")
     single = "val" not in splits
+    if single and local:  # like a folder with a train file but no valid file
+        raise UserError(f"{source}: has a train split but no validation split; refusing to guess. Add "
+                        f"data/validation-*.parquet, or pass --source with one Parquet file to split it "
+                        f"({cfg.val_fraction:.0%} val, seed {cfg.seed})")
     if single:
         print(f"{source}: no validation split; {cfg.val_fraction:.0%} of train goes to val (seed {cfg.seed})",
               file=sys.stderr)
