@@ -371,7 +371,7 @@ def test_long_file_without_separator_fails_early(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "MAX_STORY_BYTES", 1000)
     monkeypatch.setattr(data, "READ_BYTES", 100)
     (tmp_path / "big.txt").write_text("word " * 10_000)
-    with pytest.raises(UserError, match=r"big.txt: no <\|endoftext\|> separator in 0 MB from byte 0"):
+    with pytest.raises(UserError, match=r"big.txt: no <\|endoftext\|> separator within 1,000 bytes from byte 0"):
         prepare(PrepareConfig(source=str(tmp_path / "big.txt"), out=str(tmp_path / "o"), workers=1))
 
 

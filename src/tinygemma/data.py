@@ -233,7 +233,7 @@ def _txt_tasks(f: BinaryIO, name: str, split_val: bool) -> Iterator[_Task]:
                 items, offsets, size = [], [], 0
         if len(buf) > MAX_STORY_BYTES:
             what = "no" if not seen_sep else "a story with no"
-            raise UserError(f"{name}: {what} {EOT_TOKEN} separator in {MAX_STORY_BYTES >> 20} MB "
+            raise UserError(f"{name}: {what} {EOT_TOKEN} separator within {MAX_STORY_BYTES:,} bytes "
                             f"from byte {buf_start}; not the TinyStories .txt format")
         if not chunk:
             break
