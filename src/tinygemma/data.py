@@ -664,8 +664,9 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
     init = (tok, cfg.fix_text, cfg.val_fraction, cfg.seed)
     pool = None
     if workers > 1:
-        # fork: workers start at once with the tokenizer already loaded (spawn would re-import torch per worker)
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        # fork (Linux): workers start at once with the tokenizer loaded; spawn would re-import torch in each.
+        # Elsewhere fork is unsafe with some system libraries, so the platform default is kept.
+        ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context()
         pool = ctx.Pool(workers, initializer=_init_worker, initargs=(*init, True))
     else:
         _init_worker(*init, False)
