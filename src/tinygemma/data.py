@@ -1,35 +1,474 @@
 """TinyStories -> GPT-2 token memmaps (``train.bin``, ``val.bin``, ``meta.json``), and the reader.
 
-Every story is stripped, optionally repaired with ftfy, encoded with GPT-2's BPE and followed by
-``<|endoftext|>`` (50256), so the model learns where stories end.
+``prepare`` streams stories from the hub (through ``datasets`` / ``huggingface_hub``) or from local
+files in any of the dataset's published forms, normalises them (strip, drop empty, repair mojibake),
+tokenises them in worker processes with tiktoken's ``encode_ordinary_batch`` and writes the ids in
+order, each story followed by ``<|endoftext|>`` (50256) so the model learns where stories end.
+Memory stays flat: at most ``2 x workers`` batches of about 1 MB of text are in flight.
+
+Everything is written to ``*.tmp`` files in the output folder and renamed at the end, ``meta.json``
+last (the old one is removed before the ``.bin`` files are replaced), so an interrupted run never
+leaves files that ``TokenDataset`` accepts.
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
 import hashlib
 import json
+import multiprocessing as mp
 import os
-from dataclasses import dataclass
+import re
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from tinygemma.config import UserError
-from tinygemma.tokenizer import Tokenizer
+from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict
+from tinygemma.tokenizer import EOT_TOKEN, Tokenizer
 
 FORMAT_VERSION = 1
 DTYPE = "uint16"
 SPLITS = {"train": "train.bin", "val": "val.bin"}
+HUB_REPO = "roneneldan/TinyStories"
+HUB_SPLITS = {"train": "train", "val": "validation"}
 TXT_FILES = {"train": "TinyStories-train.txt", "val": "TinyStories-valid.txt"}
+TXT_FILES_V2 = {"train": "TinyStoriesV2-GPT4-train.txt", "val": "TinyStoriesV2-GPT4-valid.txt"}
+TEXT_FIELDS = ("text", "story")  # the hub's Parquet has "text"; the original JSON archive has "story"
+SEPARATOR = EOT_TOKEN.encode()
+BATCH_BYTES = 1 << 20  # text per task: large enough to amortise pickling, small enough to keep memory flat
+MAX_STORY_BYTES = 64 << 20  # a "story" this long means the file is not in the separator format
+READ_BYTES = 1 << 20
 
 
 @dataclass
 class PrepareConfig:
-    source: str = "roneneldan/TinyStories"
-    out: str = "data/tinystories"
-    max_stories: int | None = None
-    fix_text: bool = True
-    force: bool = False
+    source: str = field(default=HUB_REPO, metadata={
+        "help": "hub dataset id, or a local folder/file (.txt with <|endoftext|> lines, .json/.jsonl, .parquet)"})
+    out: str = field(default="data/tinystories", metadata={"help": "output folder"})
+    max_stories: int | None = field(default=None, metadata={
+        "help": "use only the first N stories of each source split (hub: streamed, not downloaded)"})
+    workers: int = field(default=0, metadata={"help": "tokeniser processes; 0 = all cores"})
+    fix_text: bool = field(default=True, metadata={"help": "repair mojibake such as 'â€™' -> '’' (ftfy)"})
+    v2: bool = field(default=False, metadata={"help": "use the GPT-4-only TinyStoriesV2-GPT4-*.txt data"})
+    val_fraction: float = field(default=0.05, metadata={
+        "help": "share of stories put in val when the source has a single split"})
+    seed: int = field(default=1337, metadata={"help": "seed of that train/val split"})
+    force: bool = field(default=False, metadata={
+        "help": "redo even when up to date, and overwrite data made with another tokenizer"})
+
+    def __post_init__(self) -> None:
+        if self.max_stories is not None and self.max_stories < 1:
+            raise UserError(f"max_stories must be >= 1, got {self.max_stories}")
+        if self.workers < 0:
+            raise UserError(f"workers must be >= 0 (0 = all cores), got {self.workers}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Text normalisation
+
+
+def _continuation_chars() -> str:
+    """What bytes 0x80-0xBF (UTF-8 continuation bytes) look like after a wrong cp1252/latin-1 decode."""
+    out = []
+    for b in range(0x80, 0xC0):
+        try:
+            out.append(bytes([b]).decode("cp1252"))
+        except UnicodeDecodeError:  # undefined in cp1252 (0x81, 0x8D, 0x8F, 0x90, 0x9D): latin-1 C1 control
+            out.append(chr(b))
+    return "".join(out)
+
+
+# "”" is E2 80 9D; 0x9D is undefined in cp1252, so TinyStories' mojibake lost it and left a bare "â€".
+# ftfy cannot restore a lost byte (it guesses "†" when a space follows), so this one is fixed first.
+_BARE_RDQUO = re.compile("â€(?![" + re.escape(_continuation_chars()) + "])")
+# UTF-8 read as cp1252/latin-1 always shows a lead byte (0xC2-0xF4 -> "Â".."ô") before a continuation
+# byte; text without that pair is left alone without calling ftfy (which costs ~1 ms per story).
+_MOJIBAKE_HINT = re.compile("[\u00c2-\u00f4][" + re.escape(_continuation_chars()) + "]")
+_FTFY_CONFIG: Any = None
+
+
+def repair_mojibake(text: str) -> str:
+    """Undo UTF-8 read as cp1252/latin-1 (``â€™`` -> ``’``) and nothing else.
+
+    ftfy's defaults also straighten curly quotes, NFC-normalise, widen/narrow characters and
+    rewrite line breaks; those change legitimate text, so only its encoding fixes are enabled.
+    """
+    global _FTFY_CONFIG
+    if text.isascii() or not _MOJIBAKE_HINT.search(text):
+        return text
+    import ftfy
+
+    if _FTFY_CONFIG is None:
+        _FTFY_CONFIG = ftfy.TextFixerConfig(
+            unescape_html=False, remove_terminal_escapes=False, fix_encoding=True, restore_byte_a0=False,
+            replace_lossy_sequences=True, decode_inconsistent_utf8=True, fix_c1_controls=True,
+            fix_latin_ligatures=False, fix_character_width=False, uncurl_quotes=False, fix_line_breaks=False,
+            fix_surrogates=False, remove_control_chars=False, normalization=None, explain=False)
+    return ftfy.fix_text(_BARE_RDQUO.sub("”", text), _FTFY_CONFIG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: one task = about 1 MB of stories -> token ids
+
+
+@dataclass
+class _Task:
+    kind: str  # "bytes": raw UTF-8 pieces of a .txt file (decoded in the worker); "text": str
+    name: str  # the file or dataset, for error messages
+    items: list
+    offsets: list[int]  # byte offset in the file ("bytes") or record number ("text") of each item
+    nbytes: int  # input bytes this task covers, for the progress bar
+    split_val: bool  # True: assign each story to train/val with the seeded hash
+
+
+@dataclass
+class _Result:
+    tokens: np.ndarray  # all stories of the task in order, each followed by EOT
+    lengths: np.ndarray  # tokens per story (EOT included)
+    is_val: np.ndarray | None  # per story, when the task is split
+    changed: int
+    nbytes: int
+    error: str | None = None
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tok: Tokenizer, fix_text: bool, val_fraction: float, seed: int, ignore_sigint: bool) -> None:
+    if ignore_sigint:  # Ctrl-C goes to the main process, which stops the pool and cleans up
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER.update(tok=tok, fix_text=fix_text, threshold=int(val_fraction * 2**64),
+                   key=seed.to_bytes(8, "little", signed=True))
+
+
+def _is_val(text: str) -> bool:
+    """Seeded hash of the story's text: independent of order, batching and workers; duplicates stay together."""
+    h = hashlib.blake2b(text.encode(), digest_size=8, key=_WORKER["key"]).digest()
+    return int.from_bytes(h, "little") < _WORKER["threshold"]
+
+
+def _encode_task(task: _Task) -> _Result:
+    tok: Tokenizer = _WORKER["tok"]
+    texts, changed = [], 0
+    for item, offset in zip(task.items, task.offsets, strict=True):
+        if task.kind == "bytes":
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return _Result(np.empty(0, DTYPE), np.empty(0, np.int64), None, 0, 0,
+                               f"{task.name}: invalid UTF-8 at byte {offset + e.start} ({e.reason})")
+        text = item.strip()
+        if not text:
+            continue
+        if _WORKER["fix_text"]:
+            fixed = repair_mojibake(text)
+            changed += fixed != text
+            text = fixed
+        texts.append(text)
+    # Not encode_ordinary_batch: with one thread its ThreadPoolExecutor makes it ~2x slower than this loop;
+    # the parallelism comes from the worker processes.
+    encode = tok.enc.encode_ordinary
+    ids = [encode(t) for t in texts]
+    flat: list[int] = []
+    for story in ids:
+        flat += story
+        flat.append(tok.eot_id)
+    lengths = np.fromiter((len(s) + 1 for s in ids), dtype=np.int64, count=len(ids))
+    is_val = np.fromiter((_is_val(t) for t in texts), dtype=bool, count=len(texts)) if task.split_val else None
+    return _Result(np.asarray(flat, dtype=DTYPE), lengths, is_val, changed, task.nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each yields _Tasks for one source split, streaming
+
+
+@dataclass
+class _Input:
+    name: str
+    split: str  # "train", "val" or "split" (seeded train/val split of a single source)
+    tasks: Callable[[], Iterator[_Task]]
+    size: int | None  # bytes, when known (progress bar total)
+    fingerprint: dict
+
+
+def _file_fingerprint(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _txt_tasks(f: BinaryIO, name: str, split_val: bool) -> Iterator[_Task]:
+    """Stories separated by ``<|endoftext|>``; split as bytes (the separator is ASCII) and decoded by workers."""
+    buf, buf_start, seen_sep = b"", 0, False
+    items: list[bytes] = []
+    offsets: list[int] = []
+    size = 0
+    while True:
+        chunk = f.read(READ_BYTES)
+        if chunk:
+            buf += chunk
+            pieces = buf.split(SEPARATOR)
+            buf = pieces.pop()
+        else:
+            pieces, buf = [buf], b""
+        seen_sep = seen_sep or bool(chunk and pieces)
+        if not chunk and not seen_sep:
+            raise UserError(f"{name}: no {EOT_TOKEN} separator (expected stories separated by lines {EOT_TOKEN})")
+        for piece in pieces:
+            items.append(piece)
+            offsets.append(buf_start)
+            buf_start += len(piece) + len(SEPARATOR)
+            size += len(piece) + len(SEPARATOR)
+            if size >= BATCH_BYTES:
+                yield _Task("bytes", name, items, offsets, size, split_val)
+                items, offsets, size = [], [], 0
+        if len(buf) > MAX_STORY_BYTES:
+            what = "no" if not seen_sep else "a story with no"
+            raise UserError(f"{name}: {what} {EOT_TOKEN} separator within {MAX_STORY_BYTES:,} bytes "
+                            f"from byte {buf_start}; not the TinyStories .txt format")
+        if not chunk:
+            break
+    if items:
+        yield _Task("bytes", name, items, offsets, max(size - len(SEPARATOR), 0), split_val)
+
+
+def _record_text(record: Any, name: str, where: str) -> str:
+    if isinstance(record, dict):
+        for key in TEXT_FIELDS:
+            if isinstance(record.get(key), str):
+                return record[key]
+        keys = ", ".join(map(str, record)) or "none"
+        raise UserError(f"{name}: {where} has no 'text' or 'story' string field (keys: {keys})")
+    raise UserError(f"{name}: {where} is a JSON {type(record).__name__}, expected an object with a 'text' field")
+
+
+def _text_batches(records: Iterator[tuple[int, str]], name: str, split_val: bool,
+                  sized: Callable[[str], int] = len) -> Iterator[_Task]:
+    items: list[str] = []
+    offsets: list[int] = []
+    size = 0
+    for offset, text in records:
+        items.append(text)
+        offsets.append(offset)
+        size += sized(text)
+        if size >= BATCH_BYTES:
+            yield _Task("text", name, items, offsets, size, split_val)
+            items, offsets, size = [], [], 0
+    if items:
+        yield _Task("text", name, items, offsets, size, split_val)
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, str]]:
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            start, offset = offset, offset + len(line)
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: invalid UTF-8 at byte {start + e.start} ({e.reason})") from None
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
+            yield lineno, _record_text(record, str(path), f"line {lineno}")
+
+
+def _json_records(path: Path) -> Iterator[tuple[int, str]]:
+    """A JSON array (the original data*.json archive files): loaded one file at a time, else JSON Lines."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        yield from _jsonl_records(path)
+        return
+    data = path.read_bytes()
+    try:
+        records = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: invalid UTF-8 at byte {e.start} ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+    del data
+    for i, record in enumerate(records):
+        yield i, _record_text(record, str(path), f"record {i}")
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        column = next((c for c in TEXT_FIELDS if c in names), None)
+        if column is None:
+            raise UserError(f"{path}: no 'text' or 'story' column (columns: {', '.join(names) or 'none'})")
+        i = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=[column]):
+            for text in batch.column(0).to_pylist():
+                if text is not None:
+                    yield i, text
+                i += 1
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: cannot read as Parquet ({str(e).splitlines()[0]})") from None
+
+
+def _file_input(path: Path, split: str) -> _Input:
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file")
+    suffix = path.suffix.lower()
+    split_val = split == "split"
+    if suffix == ".parquet":
+        def tasks() -> Iterator[_Task]:
+            yield from _text_batches(_parquet_records(path), str(path), split_val)
+        size = None
+    elif suffix in (".json", ".jsonl"):
+        reader = _jsonl_records if suffix == ".jsonl" else _json_records
+
+        def tasks() -> Iterator[_Task]:
+            yield from _text_batches(reader(path), str(path), split_val, lambda t: len(t.encode()))
+        size = path.stat().st_size
+    else:
+        def tasks() -> Iterator[_Task]:
+            with open(path, "rb") as f:
+                yield from _txt_tasks(f, str(path), split_val)
+        size = path.stat().st_size
+    return _Input(str(path), split, tasks, size, _file_fingerprint(path))
+
+
+def _split_of(filename: str) -> str | None:
+    stem = filename.lower()
+    if stem.startswith("train") or "-train" in stem or "_train" in stem:
+        return "train"
+    if any(stem.startswith(p) or f"-{p}" in stem or f"_{p}" in stem for p in ("valid", "val")):
+        return "val"
+    return None
+
+
+def _hub_inputs(source: str, cfg: PrepareConfig, local: bool) -> list[_Input]:
+    """The hub dataset through ``datasets``; a local folder in the hub's layout goes through the same code."""
+    import datasets
+
+    streaming = local or cfg.max_stories is not None
+    try:
+        dsd = datasets.load_dataset(source, streaming=streaming)
+    except Exception as e:  # offline, unknown repo, bad files: datasets raises many types
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = "" if local else "; offline, download it or pass --source FOLDER"
+        raise UserError(f"{source}: cannot load the dataset ({msg}){hint}") from None
+    splits = {ours: hf for ours, hf in HUB_SPLITS.items() if hf in dsd}
+    if "train" not in splits:
+        raise UserError(f"{source}: no 'train' split (have {', '.join(dsd) or 'none'})")
+    single = "val" not in splits
+    if single and local:  # like a folder with a train file but no valid file
+        raise UserError(f"{source}: has a train split but no validation split; refusing to guess. Add "
+                        f"data/validation-*.parquet, or pass --source with one Parquet file to split it "
+                        f"({cfg.val_fraction:.0%} val, seed {cfg.seed})")
+    if single:
+        print(f"{source}: no validation split; {cfg.val_fraction:.0%} of train goes to val (seed {cfg.seed})",
+              file=sys.stderr)
+    inputs = []
+    for ours, hf in splits.items():
+        ds = dsd[hf]
+
+        def tasks(ds=ds, name=f"{source} [{hf}]") -> Iterator[_Task]:
+            def records() -> Iterator[tuple[int, str]]:
+                i, column = 0, None
+                for batch in ds.iter(batch_size=1000):
+                    if column is None:
+                        column = next((c for c in TEXT_FIELDS if c in batch), None)
+                        if column is None:
+                            raise UserError(f"{name}: no 'text' or 'story' column (columns: {', '.join(batch)})")
+                    for text in batch[column]:
+                        if text is not None:
+                            yield i, text
+                        i += 1
+            yield from _text_batches(records(), name, single)
+
+        fp = {"dataset": source} if not local else {"dataset": str(Path(source).resolve()), "files": [
+            _file_fingerprint(p) for p in sorted(Path(source).rglob("*.parquet"))]}
+        inputs.append(_Input(f"{source} [{hf}]", "split" if single else ours, tasks, None, fp))
+    return inputs
+
+
+def _hub_txt_inputs(cfg: PrepareConfig) -> list[_Input]:
+    """TinyStoriesV2-GPT4-*.txt from the hub: streamed over HTTP when --max-stories, else downloaded (cached)."""
+    import huggingface_hub as hf
+
+    inputs = []
+    for split, filename in TXT_FILES_V2.items():
+        name = f"{cfg.source}/{filename}"
+        if cfg.max_stories is not None:
+            def tasks(filename=filename, name=name) -> Iterator[_Task]:
+                try:
+                    f = hf.HfFileSystem().open(f"datasets/{cfg.source}/{filename}", "rb")
+                except Exception as e:
+                    raise UserError(f"{name}: cannot open on the hub ({type(e).__name__}: {e})") from None
+                with f:
+                    yield from _txt_tasks(f, name, False)
+            inputs.append(_Input(name, split, tasks, None, {"dataset": cfg.source, "file": filename}))
+            continue
+        try:
+            path = Path(hf.hf_hub_download(cfg.source, filename, repo_type="dataset"))
+        except Exception as e:
+            raise UserError(f"{name}: cannot download ({type(e).__name__}); offline, pass --source FOLDER") from None
+        inputs.append(_file_input(path, split))
+    return inputs
+
+
+def _resolve(cfg: PrepareConfig) -> list[_Input]:
+    path = Path(cfg.source).expanduser()
+    if path.is_file():
+        return [_file_input(path, "split")]
+    if path.is_dir():
+        return _folder_inputs(path, cfg)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.source) and not cfg.source.startswith("."):
+        return _hub_txt_inputs(cfg) if cfg.v2 else _hub_inputs(cfg.source, cfg, local=False)
+    raise UserError(f"{cfg.source}: no such file or folder")
+
+
+def _folder_inputs(path: Path, cfg: PrepareConfig) -> list[_Input]:
+    variants = [TXT_FILES_V2] if cfg.v2 else [TXT_FILES, TXT_FILES_V2]
+    for names in variants:
+        found = {split: path / n for split, n in names.items() if (path / n).is_file()}
+        if len(found) == 2:
+            return [_file_input(p, split) for split, p in found.items()]
+        if len(found) == 1:
+            (have, p), = found.items()
+            missing = names["val" if have == "train" else "train"]
+            raise UserError(f"{path}: has {p.name} but no {missing}; refusing to guess. Add it, or pass "
+                            f"--source {p} to split that file ({cfg.val_fraction:.0%} val, seed {cfg.seed})")
+    if (path / "data").is_dir() and any((path / "data").glob("*.parquet")):
+        return _hub_inputs(str(path), cfg, local=True)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".parquet", ".json", ".jsonl"))
+    by_split = collections.defaultdict(list)
+    for p in files:
+        if (split := _split_of(p.name)) is not None:
+            by_split[split].append(p)
+    if not by_split:
+        raise UserError(f"{path}: no TinyStories files ({TXT_FILES['train']}/{TXT_FILES['val']}, "
+                        f"data/*.parquet, or train/valid .parquet/.json/.jsonl files)")
+    if len(by_split) == 1:
+        (have, ps), = by_split.items()
+        raise UserError(f"{path}: has {have} files ({ps[0].name}) but no {'valid' if have == 'train' else 'train'} "
+                        f"files; refusing to guess. Pass --source with one file to split it "
+                        f"({cfg.val_fraction:.0%} val, seed {cfg.seed})")
+    return [_file_input(p, split) for split in ("train", "val") for p in by_split[split]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
 
 
 def _sha256(path: Path) -> str:
@@ -40,51 +479,264 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_txt(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
-    if "<|endoftext|>" not in text:
-        raise UserError(f"{path}: no <|endoftext|> separator")
-    return text.split("<|endoftext|>")
+class _SplitWriter:
+    """Appends token ids to ``NAME.tmp``, hashing as it goes."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.f = open(self.tmp, "wb")
+        self.sha = hashlib.sha256()
+        self.tokens = self.stories = 0
+
+    def write(self, tokens: np.ndarray, stories: int) -> None:
+        data = tokens.tobytes()
+        try:
+            self.f.write(data)
+        except OSError as e:  # name the file: write errors on file objects carry no filename
+            raise OSError(e.errno, e.strerror, str(self.tmp)) from None
+        self.sha.update(data)
+        self.tokens += len(tokens)
+        self.stories += stories
+
+    def finish(self) -> None:
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.tmp)) from None
+        self.f.close()
+
+    def discard(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
 
 
-def _normalise(stories: list[str], fix_text: bool) -> tuple[list[str], int]:
-    import ftfy
-
-    out, changed = [], 0
-    for s in stories:
-        s = s.strip()
-        if not s:
-            continue
-        if fix_text:
-            fixed = ftfy.fix_text(s)
-            changed += fixed != s
-            s = fixed
-        out.append(s)
-    return out, changed
+def _options(cfg: PrepareConfig) -> dict:
+    return {k: getattr(cfg, k) for k in ("max_stories", "fix_text", "v2", "val_fraction", "seed")}
 
 
-def prepare(cfg: PrepareConfig) -> dict:
-    """Tokenise ``cfg.source`` (a folder with the original .txt files) into ``cfg.out``."""
-    src, out = Path(cfg.source), Path(cfg.out)
-    tok = Tokenizer()
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"format_version": FORMAT_VERSION, "tokenizer": tok.name, "bpe_sha256": tok.bpe_sha256,
-            "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": DTYPE, "source": str(src),
-            "normalisation": {"strip": True, "drop_empty": True, "fix_text": cfg.fix_text, "stories_changed": 0},
-            "splits": {}}
-    for split, name in SPLITS.items():
-        stories, changed = _normalise(_read_txt(src / TXT_FILES[split]), cfg.fix_text)
-        stories = stories[: cfg.max_stories]
-        meta["normalisation"]["stories_changed"] += changed
-        ids = [t for story in tok.encode_batch(stories) for t in (*story, tok.eot_id)]
-        tmp = out / (name + ".tmp")
-        np.asarray(ids, dtype=DTYPE).tofile(tmp)
-        os.replace(tmp, out / name)
-        meta["splits"][split] = {"file": name, "stories": len(stories), "tokens": len(ids),
-                                 "sha256": _sha256(out / name)}
-    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(out / "meta.json.tmp", out / "meta.json")
+def _tokenizer_info(tok: Tokenizer) -> dict:
+    return {"tokenizer": tok.name, "bpe_sha256": tok.bpe_sha256, "vocab_size": tok.vocab_size}
+
+
+def _check_out(out: Path, cfg: PrepareConfig, tok: Tokenizer, fingerprint: dict) -> dict | None:
+    """The existing meta.json when it already holds this exact data; refuse another tokenizer's data."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output path is a file, not a folder")
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        made_with = {k: meta[k] for k in ("tokenizer", "bpe_sha256", "vocab_size")}
+    except (OSError, ValueError, KeyError, TypeError):
+        if cfg.force:
+            return None
+        raise UserError(f"{meta_path}: not a tinygemma meta.json; refusing to overwrite without --force") from None
+    if made_with != _tokenizer_info(tok):
+        if cfg.force:
+            return None
+        raise UserError(f"{meta_path}: data made with tokenizer {made_with['tokenizer']!r} "
+                        f"({str(made_with['bpe_sha256'])[:12]}…), not GPT-2's; use --force to overwrite")
+    if cfg.force or meta.get("fingerprint") != fingerprint:
+        return None
+    for info in meta.get("splits", {}).values():
+        p = out / info["file"]
+        if not p.is_file() or p.stat().st_size != info["tokens"] * np.dtype(DTYPE).itemsize:
+            return None
     return meta
+
+
+def _num_workers(n: int) -> int:
+    if n:
+        return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def prepare(cfg: PrepareConfig, command: str | None = None) -> dict:
+    """Tokenise ``cfg.source`` into ``cfg.out`` (train.bin, val.bin, meta.json); returns the meta dict.
+
+    ``command`` is the command line recorded in meta.json (the CLI passes it).
+    """
+    t0 = time.perf_counter()
+    out = Path(cfg.out).expanduser()
+    tok = Tokenizer()
+    inputs = _resolve(cfg)
+    fingerprint = {"format_version": FORMAT_VERSION, **_tokenizer_info(tok), "source": cfg.source,
+                   "inputs": [i.fingerprint | {"split": i.split} for i in inputs], "options": _options(cfg)}
+    if (meta := _check_out(out, cfg, tok, fingerprint)) is not None:
+        print(f"{out}: up to date (same source, options and tokenizer); nothing to do (use --force to redo)",
+              file=sys.stderr)
+        return meta
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    for stale in out.glob("*.tmp"):  # left by a killed run
+        stale.unlink()
+    workers = _num_workers(cfg.workers)
+    try:
+        writers = {split: _SplitWriter(out / name) for split, name in SPLITS.items()}
+    except OSError as e:
+        raise UserError(f"{out}: cannot write ({e.strerror})") from None
+    changed = 0
+    try:
+        changed, nbytes = _run(inputs, writers, cfg, tok, workers)
+        for split, w in writers.items():
+            if w.stories == 0:
+                why = " (too few stories for val_fraction?)" if split == "val" else ""
+                raise UserError(f"{', '.join(i.name for i in inputs)}: no {split} stories{why}")
+            w.finish()
+        meta = {
+            "format_version": FORMAT_VERSION, **_tokenizer_info(tok), "eot_id": tok.eot_id, "dtype": DTYPE,
+            "source": cfg.source, "inputs": [i.name for i in inputs],
+            "normalisation": {"strip": True, "drop_empty": True, "fix_text": cfg.fix_text,
+                              "fix_text_method": "ftfy encoding fixes only (+ bare 'â€' -> '”')" if cfg.fix_text
+                              else None, "stories_changed": changed},
+            "split": ({"method": "blake2b(story, key=seed) < val_fraction", "val_fraction": cfg.val_fraction,
+                       "seed": cfg.seed} if any(i.split == "split" for i in inputs) else "source splits"),
+            "max_stories": cfg.max_stories,
+            "splits": {split: {"file": w.path.name, "stories": w.stories, "tokens": w.tokens,
+                               "sha256": w.sha.hexdigest()} for split, w in writers.items()},
+            "command": command,
+            "config": asdict(cfg), "fingerprint": fingerprint,
+        }
+        tmp_meta = out / "meta.json.tmp"
+        with open(tmp_meta, "w") as f:
+            f.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        _discard(writers, out, created)
+        name = e.filename or out
+        if e.filename is None or str(name).endswith(".tmp"):
+            raise UserError(f"{name}: write failed ({e.strerror or e}); the existing data was left as it was") from None
+        raise UserError(f"{name}: cannot read ({e.strerror or e})") from None
+    except BaseException:
+        _discard(writers, out, created)
+        raise
+    # Everything is on disk. Drop the old meta.json first so a kill between the renames leaves no valid set.
+    (out / "meta.json").unlink(missing_ok=True)
+    for w in writers.values():
+        os.replace(w.tmp, w.path)
+    os.replace(tmp_meta, out / "meta.json")
+    _fsync_dir(out)
+    secs = time.perf_counter() - t0
+    parts = [f"{s} {w.stories:,} stories {w.tokens:,} tokens ({w.tokens / w.stories:.1f}/story)"
+             for s, w in writers.items()]
+    print(f"prepared {out}: {'; '.join(parts)}; {changed:,} stories repaired; {secs:.1f}s "
+          f"({nbytes / 1e6 / secs:.1f} MB/s, {sum(w.tokens for w in writers.values()) / secs:,.0f} tokens/s, "
+          f"{workers} workers)", file=sys.stderr)
+    return meta
+
+
+def _discard(writers: dict[str, _SplitWriter], out: Path, created: bool) -> None:
+    for w in writers.values():
+        w.discard()
+    (out / "meta.json.tmp").unlink(missing_ok=True)
+    if created:
+        try:
+            out.rmdir()
+        except OSError:  # not empty: someone else put files there meanwhile
+            pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not possible on every platform
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareConfig, tok: Tokenizer,
+         workers: int) -> tuple[int, int]:
+    """Feed tasks to the workers (at most 2 per worker in flight) and write results in order."""
+    from tqdm import tqdm
+
+    init = (tok, cfg.fix_text, cfg.val_fraction, cfg.seed)
+    pool = None
+    if workers > 1:
+        # fork (Linux): workers start at once with the tokenizer loaded; spawn would re-import torch in each.
+        # Elsewhere fork is unsafe with some system libraries, so the platform default is kept.
+        ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context()
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(*init, True))
+    else:
+        _init_worker(*init, False)
+    total = None if any(i.size is None for i in inputs) else sum(i.size for i in inputs)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="prepare", dynamic_ncols=True,
+               mininterval=0.5)
+    changed = nbytes = 0
+    tokens = stories = 0
+    try:
+        for inp in inputs:
+            taken = 0
+            tasks = inp.tasks()
+            pending: collections.deque = collections.deque()
+            while True:
+                while len(pending) < (2 * workers if pool else 1):
+                    task = next(tasks, None)
+                    if task is None:
+                        break
+                    pending.append(pool.apply_async(_encode_task, (task,)) if pool else task)
+                if not pending:
+                    break
+                job = pending.popleft()
+                res: _Result = job.get() if pool else _encode_task(job)
+                if res.error:
+                    raise UserError(res.error)
+                n = len(res.lengths)
+                if cfg.max_stories is not None and taken + n >= cfg.max_stories:
+                    n = cfg.max_stories - taken
+                    res.tokens = res.tokens[: int(res.lengths[:n].sum())]
+                    res.lengths, res.is_val = res.lengths[:n], None if res.is_val is None else res.is_val[:n]
+                taken += n
+                if res.is_val is not None:
+                    mask = np.repeat(res.is_val, res.lengths)
+                    writers["train"].write(res.tokens[~mask], int(n - res.is_val.sum()))
+                    writers["val"].write(res.tokens[mask], int(res.is_val.sum()))
+                else:
+                    writers[inp.split].write(res.tokens, n)
+                changed += res.changed
+                nbytes += res.nbytes
+                tokens += len(res.tokens)
+                stories += n
+                bar.update(res.nbytes)
+                bar.set_postfix_str(f"{stories:,} stories, {tokens:,} tokens", refresh=False)
+                if cfg.max_stories is not None and taken >= cfg.max_stories:
+                    break
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return changed, nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking and reading
+
+
+def verify(directory: str | os.PathLike) -> dict:
+    """Recompute the sha256 of each split's file and compare with meta.json; returns the meta dict."""
+    ds = TokenDataset(directory, "train")  # checks format, tokenizer and sizes
+    for split, info in ds.meta["splits"].items():
+        path = ds.dir / info["file"]
+        if not path.is_file():
+            raise UserError(f"{path}: missing")
+        digest = _sha256(path)
+        if digest != info["sha256"]:
+            raise UserError(f"{path}: sha256 {digest[:12]}… does not match meta.json ({info['sha256'][:12]}…)")
+        TokenDataset(directory, split)
+        print(f"{path}: OK ({info['stories']:,} stories, {info['tokens']:,} tokens)")
+    return ds.meta
 
 
 class TokenDataset:
@@ -123,3 +775,31 @@ class TokenDataset:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    if args.verify:
+        verify(args.verify)
+        return 0
+    given = dataclass_overrides(args, PrepareConfig)
+    cfg = from_dict(PrepareConfig, given, "prepare")
+    flags = []
+    for key, value in given.items():
+        flag = "--" + key.replace("_", "-")
+        flags += [flag if value is True else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    prepare(cfg, shlex.join(["tinygemma", "prepare", *flags]))
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "prepare", help="tokenise TinyStories into train.bin/val.bin/meta.json",
+        description="Tokenise TinyStories (hub or local .txt/.json/.jsonl/.parquet) with GPT-2's BPE into "
+                    "uint16 memmaps, every story followed by <|endoftext|>.")
+    add_dataclass_args(p, PrepareConfig)
+    p.add_argument("--verify", metavar="DIR", help="check the sha256 of prepared data in DIR and exit")
+    p.set_defaults(func=_cmd_prepare)
