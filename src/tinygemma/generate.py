@@ -239,6 +239,20 @@ def generate_text(model: Gemma3, tokenizer: Tokenizer, prompts: list[str], cfg: 
     return [tokenizer.decode(ids) for ids in generate_ids(model, encode_prompts(tokenizer, prompts), cfg)]
 
 
+class TextStream:
+    """Text pieces of one row as its tokens arrive; holds back bytes of a character split across tokens."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self.tokenizer.decode_bytes([token]))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
 # -- CLI -----------------------------------------------------------------------------------------
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -263,7 +277,7 @@ def _generate(args: argparse.Namespace) -> int:
     ended = [False] * len(rows)
     live = not args.no_stream and not args.json and len(rows) == 1
     printed = 0  # rows printed so far (in order, each once it has finished)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split a character
+    text = TextStream(tok)
     eot = tok.eot_id
     header = lambda r: f"--- prompt {rows[r][0] + 1}, sample {rows[r][1] + 1} ---" if len(rows) > 1 else None
 
@@ -288,7 +302,7 @@ def _generate(args: argparse.Namespace) -> int:
                 continue
             out[r].append(t)
             if live:
-                print(decoder.decode(tok.decode_bytes([t])), end="", flush=True)
+                print(text.push(t), end="", flush=True)
         if not args.json and not live:
             flush_finished(False)
     elapsed = time.perf_counter() - t0
@@ -298,7 +312,7 @@ def _generate(args: argparse.Namespace) -> int:
             for (p, s), ids, e in zip(rows, out, ended, strict=True)]}, indent=2))
         return 0
     if live:
-        print(decoder.decode(b"", final=True))
+        print(text.flush())
     else:
         flush_finished(True)
     print(f"[{n_tokens} tokens in {elapsed:.2f} s, {n_tokens / elapsed:.1f} tokens/s]", file=sys.stderr)
