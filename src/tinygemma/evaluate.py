@@ -171,7 +171,7 @@ def sample_report(model: Gemma3, tokenizer: Tokenizer, prompts: list[str] | None
     cfg = cfg or SamplingConfig(seed=REPORT_SEED)
     was_training = model.training
     model.eval()
-    eot = tokenizer.eot_id
+    eot = model.config.eot_token_id
     prompt_ids = encode_prompts(tokenizer, prompts)
     rows_ids = [ids for ids in prompt_ids for _ in range(cfg.num_samples)]
     out: list[list[int]] = [[] for _ in rows_ids]
@@ -191,7 +191,7 @@ def sample_report(model: Gemma3, tokenizer: Tokenizer, prompts: list[str] | None
         bigrams = [tuple(toks[i:i + 2]) for i in range(len(toks) - 1)]
         rows.append({
             "prompt": prompts[r // cfg.num_samples], "sample": r % cfg.num_samples, "text": text,
-            "tokens": len(toks), "ended_with_eot": ended[r],
+            "tokens": len(toks), "token_ids": toks, "ended_with_eot": ended[r],
             "repeated_4gram_rate": rep[0] / rep[1] if rep[1] else 0.0,
             "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
             "mojibake": mojibake_count(text),
