@@ -249,3 +249,11 @@ def test_cli_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert main(["generate", str(tmp_path)]) == 2
     assert "not a Gemma 3 text model" in capsys.readouterr().err
+
+
+def test_logits_to_keep_is_the_same_logits(model):
+    x = torch.tensor(prompts_of([30], seed=8))
+    with torch.no_grad():
+        # the head sees 1 row instead of 30: same values up to matmul blocking (float32 rounding)
+        torch.testing.assert_close(model(x, logits_to_keep=1), model(x)[:, -1:], rtol=1e-5, atol=1e-5)
+        assert torch.equal(model(x, logits_to_keep=0), model(x))

@@ -176,17 +176,19 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
         c.slots = col[:P] % c.size if c.ring else col[:P]
         c.visible = P
     positions = (col[None, :P] - pad[:, None]).clamp(min=0)
-    logits = model(ids, positions=positions, masks=masks, cache=caches)[:, -1]
+    logits = model(ids, positions=positions, masks=masks, cache=caches, logits_to_keep=1)[:, -1]
 
     step = model
-    if compile:
-        step = torch.compile(model, dynamic=False)
-        for c in caches:
-            c.visible = None  # attend over the whole buffer, masked, so that shapes never change
     for c in caches:
         c.slots = torch.zeros(1, dtype=torch.long, device=device)
         if c.ring:
             c.visible = None
+        if compile:
+            c.visible = None  # attend over the whole buffer, masked, so that shapes never change
+            for buf in (c.k, c.v, c.slots):  # updated in place: lets CUDA graphs replay over the same memory
+                torch._dynamo.mark_static_address(buf)
+    if compile:
+        step = torch.compile(model, mode="reduce-overhead", dynamic=False)
 
     done = torch.zeros(B, dtype=torch.bool, device=device)
     ring_slots = torch.arange(min(W, total), device=device)
@@ -212,6 +214,8 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
             full_mask = full_mask[:, :c_now + 1]
         masks = {FULL: full_mask[:, None, None], SLIDING: ring_mask[:, None, None]}
         positions = (c_now - pad)[:, None]
+        if compile:
+            torch.compiler.cudagraph_mark_step_begin()
         logits = step(tok[:, None], positions=positions, masks=masks, cache=caches)[:, -1]
 
 
