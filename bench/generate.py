@@ -7,9 +7,11 @@ for every new token) and transformers' ``generate``, at batch 1 and 32, 200 new 
 
 tokens/s counts generated tokens (batch x new tokens) over the whole call, prefill included; every
 method decodes greedily from the same prompt and produces exactly ``--new-tokens`` tokens per row.
-On the CPU the tutorial's method is too slow to run in full at batch 32 (and at 270M): unless
-``--full-baseline`` is given, its forward passes are timed at ``--baseline-points`` sequence lengths
-spread over the generation and the total is the trapezoid integral over all steps (marked "est.").
+On the CPU the tutorial's method is too slow to run in full at batch 32: unless ``--full-baseline``
+is given, its forward passes there are timed at ``--baseline-points`` sequence lengths spread over
+the generation and the total is the trapezoid integral over all steps (marked "est."); batch 1 always
+runs in full. transformers runs at batch 1 only on the CPU (``--hf-batch32-cpu`` adds batch 32).
+On a shared CPU, ``--threads 1`` gives steadier numbers.
 On CUDA the KV-cache decoder also runs with ``torch.compile`` (CUDA graphs).
 """
 
@@ -91,7 +93,7 @@ def run(model_name: str, batches: list[int], args, device: str, dtype: torch.dty
             generate_ids(model, prompts, cfg, compile=True)  # compile + CUDA-graph capture
             res["kv_cache_compiled"] = B * n / timed(lambda prompts=prompts: generate_ids(model, prompts, cfg,
                                                                                            compile=True), device)
-        full = args.full_baseline or device.startswith("cuda")
+        full = args.full_baseline or device.startswith("cuda") or B == 1
         if full:
             tutorial_generate(model, ids, 2)
             t = timed(lambda ids=ids: tutorial_generate(model, ids, n), device)

@@ -154,3 +154,9 @@ def test_samples_cli(ckpt, tmp_path, capsys):
     assert "The dog found a &lt;shiny&gt; *star*" in out.with_suffix(".html").read_text()
     assert main(["samples", str(ckpt), "--prompts", str(tmp_path / "nope.txt")]) == 2
     assert "cannot read prompts" in capsys.readouterr().err
+
+
+def test_report_accepts_a_compiled_training_model(model, tokenizer):
+    wrapped = torch.compile(model)  # not run: the report must use the plain model inside
+    cfg = SamplingConfig(max_new_tokens=5, greedy=True)
+    assert sample_report(wrapped, tokenizer, ["Hi"], cfg) == sample_report(model, tokenizer, ["Hi"], cfg)

@@ -39,6 +39,7 @@ from tinygemma.generate import (
     load_checkpoint,
     sampling_config_from_args,
     stream,
+    unwrap,
 )
 from tinygemma.model import Gemma3
 from tinygemma.tokenizer import Tokenizer
@@ -169,6 +170,7 @@ def sample_report(model: Gemma3, tokenizer: Tokenizer, prompts: list[str] | None
     """
     prompts = list(TUTORIAL_PROMPTS if prompts is None else prompts)
     cfg = cfg or SamplingConfig(seed=REPORT_SEED)
+    model = unwrap(model)  # a compiled/DDP training model would recompile for every generation shape
     was_training = model.training
     model.eval()
     eot = model.config.eot_token_id

@@ -64,6 +64,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     return Gemma3.from_pretrained(path, device=device, dtype=dtype).eval()
 
 
+def unwrap(model: torch.nn.Module) -> Gemma3:
+    """The plain model inside a torch.compile and/or DDP wrapper (as training holds it)."""
+    for _ in range(4):  # e.g. DDP(compile(model))
+        inner = getattr(model, "_orig_mod", getattr(model, "module", None))
+        if not isinstance(inner, torch.nn.Module):
+            break
+        model = inner
+    return model
+
+
 # -- KV cache ------------------------------------------------------------------------------------
 class KVCache:
     """One layer's keys/values, preallocated: ``size`` slots per row, written at ``self.slots``.
@@ -147,6 +157,7 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
     ``compile=True`` compiles the one-token decode step (useful on CUDA; static shapes).
     """
     cfg = cfg or SamplingConfig()
+    model = unwrap(model)
     mc = model.config
     device = model.lm_head.weight.device
     dtype = model.lm_head.weight.dtype
