@@ -11,13 +11,15 @@ On the CPU the tutorial's method is too slow to run in full at batch 32: unless 
 is given, its forward passes there are timed at ``--baseline-points`` sequence lengths spread over
 the generation and the total is the trapezoid integral over all steps (marked "est."); batch 1 always
 runs in full. transformers runs at batch 1 only on the CPU (``--hf-batch32-cpu`` adds batch 32).
-On a shared CPU, ``--threads 1`` gives steadier numbers.
+The KV-cache decoder and transformers report the median of ``--repeat`` runs (batch 1, or any batch on
+CUDA); the tutorial's method runs once. On a shared CPU, ``--threads 1`` gives steadier numbers.
 On CUDA the KV-cache decoder also runs with ``torch.compile`` (CUDA graphs).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -34,12 +36,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
+def timed(fn, device: str, repeat: int = 1) -> float:
+    """Median wall time of ``repeat`` calls (a shared machine is noisy)."""
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 @torch.inference_mode()
@@ -86,13 +92,14 @@ def run(model_name: str, batches: list[int], args, device: str, dtype: torch.dty
     for B in batches:
         prompts = [tokenizer_ids] * B
         ids = torch.tensor(prompts, device=device)
+        rep = args.repeat if B == 1 or device.startswith("cuda") else 1  # batch 32 on a CPU is long enough
         generate_ids(model, prompts, SamplingConfig(max_new_tokens=4, greedy=True))  # warm-up
-        kv = timed(lambda prompts=prompts: generate_ids(model, prompts, cfg), device)
+        kv = timed(lambda prompts=prompts: generate_ids(model, prompts, cfg), device, rep)
         res = {"model": model_name, "batch": B, "kv_cache": B * n / kv}
         if device.startswith("cuda") and not args.no_compile:
-            generate_ids(model, prompts, cfg, compile=True)  # compile + CUDA-graph capture
-            res["kv_cache_compiled"] = B * n / timed(lambda prompts=prompts: generate_ids(model, prompts, cfg,
-                                                                                           compile=True), device)
+            compiled = lambda prompts=prompts: generate_ids(model, prompts, cfg, compile=True)
+            compiled()  # compile + CUDA-graph capture
+            res["kv_cache_compiled"] = B * n / timed(compiled, device, rep)
         full = args.full_baseline or device.startswith("cuda") or B == 1
         if full:
             tutorial_generate(model, ids, 2)
@@ -106,7 +113,7 @@ def run(model_name: str, batches: list[int], args, device: str, dtype: torch.dty
                                                               max_new_tokens=k, min_new_tokens=k)
             with torch.inference_mode():
                 gen(k=2)
-                res["transformers"] = B * n / timed(gen, device)
+                res["transformers"] = B * n / timed(gen, device, rep)
         rows.append(res)
         print_row(res)
     return rows
@@ -137,6 +144,7 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     p.add_argument("--hf-batch32-cpu", action="store_true", help="also time transformers at batch > 1 on the CPU")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--repeat", type=int, default=3, help="KV-cache and transformers runs: median of this many")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = p.parse_args()
     if args.threads:

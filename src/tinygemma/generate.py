@@ -18,6 +18,7 @@ import codecs
 import json
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,8 +88,9 @@ class KVCache:
         self.k = torch.zeros(batch, heads, size, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.size, self.ring = size, ring
-        self.slots = torch.zeros(1, dtype=torch.long, device=device)  # set by the decoder before each call
-        self.visible: int | None = None  # slots to attend over (None = all); set on a ring only for the prefill
+        self.step_slot = torch.zeros(1, dtype=torch.long, device=device)  # decode steps write it in place
+        self.slots = self.step_slot  # where update() writes; the prefill points it at the prompt's slots
+        self.visible: int | None = None  # slots to attend over (None = all); a ring sets it only to prefill
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ring and self.visible is not None:
@@ -147,6 +149,30 @@ def _prepare_prompts(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingCo
     return rows
 
 
+# the buffers of compiled decoding, per model (weakly held)
+_KEPT_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _new_caches(model: Gemma3, batch: int, total: int, dtype: torch.dtype, device: torch.device,
+                reuse: bool) -> list[KVCache]:
+    """One cache per layer. With ``reuse`` (compiled decoding) the buffers of the previous call of the same
+    shape are kept on the model: CUDA graphs replay over fixed addresses, so new buffers would mean
+    re-recording. Stale contents need no clearing: the masks only admit slots written in this call."""
+    mc = model.config
+    key = (batch, total, dtype, str(device))
+    kept = _KEPT_CACHES.get(model)
+    if reuse and kept is not None and kept[0] == key:
+        return kept[1]
+    caches = [KVCache(batch, mc.num_kv_heads, min(mc.sliding_window, total) if t == SLIDING else total,
+                      mc.head_dim, ring=t == SLIDING, dtype=dtype, device=device) for t in mc.layer_types]
+    if reuse:
+        for c in caches:
+            for buf in (c.k, c.v, c.step_slot):  # updated in place, read by the CUDA graph
+                torch._dynamo.mark_static_address(buf)
+        _KEPT_CACHES[model] = (key, caches)  # one shape at a time, so memory stays bounded
+    return caches
+
+
 @torch.inference_mode()
 def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | None = None, *,
            compile: bool = False) -> Iterator[list[int | None]]:
@@ -173,8 +199,7 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
         gen.manual_seed(cfg.seed)
 
     W = mc.sliding_window
-    caches = [KVCache(B, mc.num_kv_heads, min(W, total) if t == SLIDING else total, mc.head_dim,
-                      ring=t == SLIDING, dtype=dtype, device=device) for t in mc.layer_types]
+    caches = _new_caches(model, B, total, dtype, device, reuse=compile)
     col = torch.arange(total, device=device)
     real = col[None, :] >= pad[:, None]  # (B, total): column holds a real token of that row
 
@@ -191,26 +216,22 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
 
     step = model
     for c in caches:
-        c.slots = torch.zeros(1, dtype=torch.long, device=device)
-        if c.ring:
-            c.visible = None
-        if compile:
-            c.visible = None  # attend over the whole buffer, masked, so that shapes never change
-            for buf in (c.k, c.v, c.slots):  # updated in place: lets CUDA graphs replay over the same memory
-                torch._dynamo.mark_static_address(buf)
+        c.slots = c.step_slot
+        if c.ring or compile:
+            c.visible = None  # compiled: attend over the whole buffer, masked, so that shapes never change
     if compile:
+        # static shapes, CUDA graphs where available; dynamo's cache makes later calls reuse the compiled step
         step = torch.compile(model, mode="reduce-overhead", dynamic=False)
 
     done = torch.zeros(B, dtype=torch.bool, device=device)
     ring_slots = torch.arange(min(W, total), device=device)
+    eot = mc.eot_token_id
     for t in range(cfg.max_new_tokens):
-        tok = _pick(logits, cfg, gen)
-        tok = torch.where(done, mc.eot_token_id, tok)
-        out = tok.tolist()
-        finished = done.tolist()
+        tok = torch.where(done, eot, _pick(logits, cfg, gen))
+        out, finished = torch.stack((tok, done.long())).tolist()  # one device->host copy per step
         yield [None if f else x for x, f in zip(out, finished, strict=True)]
-        done |= tok == mc.eot_token_id
-        if t == cfg.max_new_tokens - 1 or bool(done.all()):
+        done |= tok == eot
+        if t == cfg.max_new_tokens - 1 or all(f or x == eot for x, f in zip(out, finished, strict=True)):
             return
         c_now = P + t  # column of the token being fed
         for c in caches:
