@@ -281,11 +281,13 @@ class Gemma3(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
-                positions: torch.Tensor | None = None, masks: dict | None = None, cache: list | None = None):
+                positions: torch.Tensor | None = None, masks: dict | None = None, cache: list | None = None,
+                logits_to_keep: int = 0):
         """Logits (B, T, vocab), plus the mean cross-entropy when ``targets`` is given (-100 is ignored).
 
         ``positions`` (B|1, T) are absolute positions (default 0..T-1). Generation with a KV ``cache``
         (one object per layer with ``update(k, v) -> (k, v)``) passes explicit bool ``masks`` per layer type.
+        ``logits_to_keep`` > 0 computes logits for the last that many positions only (generation's prefill).
         """
         cfg = self.config
         if not torch.compiler.is_compiling() and input_ids.numel() and (
@@ -305,6 +307,8 @@ class Gemma3(nn.Module):
         for i, layer in enumerate(self.model.layers):
             cos, sin = rope[layer.layer_type]
             x = layer(x, cos, sin, masks[layer.layer_type], None if cache is None else cache[i])
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.model.norm(x))
         if targets is None:
             return logits

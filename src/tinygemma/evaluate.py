@@ -1,0 +1,326 @@
+"""How good is a checkpoint? ``tinygemma eval`` (loss and perplexity) and ``tinygemma samples`` (a report).
+
+``eval`` scores the *entire* split, every token exactly once: the split is read as one stream
+preceded by ``<|endoftext|>`` (so its first token is predicted too, as the first of a story), cut
+into non-overlapping windows of ``block_size`` predictions. Each window starts cold, with no context
+from the previous window (like training, which samples windows without a past), and the last
+window is simply shorter. The result is deterministic and independent of the batch size.
+
+``samples`` writes a Markdown report and an HTML twin of completions for the tutorial's prompts,
+with automatic measures: share of samples ending in ``<|endoftext|>``, repeated-4-gram rate,
+distinct-2, mojibake count and the mean token loss of the completion under the model itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ftfy.badness import badness
+from tqdm import tqdm
+
+from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict
+from tinygemma.data import TokenDataset
+from tinygemma.generate import (
+    SamplingConfig,
+    default_device,
+    encode_prompts,
+    load_checkpoint,
+    sampling_config_from_args,
+    stream,
+    unwrap,
+)
+from tinygemma.model import Gemma3
+from tinygemma.tokenizer import Tokenizer
+
+TUTORIAL_PROMPTS = [
+    "Once upon a time there was a pumpkin.",
+    "A little girl went to the woods",
+    "A boy told his sister a bedtime story about a flying cat",
+    "The kids sat in a circle while Uncle narrated a story about a brave knight",
+    "Dad was telling the kids an adventure tale about a pirate ship",
+]
+REPORT_SEED = 1337  # samples reports are reproducible unless a seed is given
+
+
+# -- eval ----------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    data: str | None = field(default=None, metadata={"help": "prepared data folder (from `tinygemma prepare`)"})
+    split: str = field(default="val", metadata={"help": "split to score"})
+    block_size: int | None = field(default=None, metadata={"help": "tokens per window (default: min(context, 512))"})
+    batch_size: int = field(default=4, metadata={"help": "windows per forward pass"})
+
+    def __post_init__(self):
+        if self.block_size is not None and self.block_size <= 0:
+            raise UserError(f"block_size must be positive, got {self.block_size}")
+        if self.batch_size <= 0:
+            raise UserError(f"batch_size must be positive, got {self.batch_size}")
+
+
+@torch.inference_mode()
+def evaluate_tokens(model: Gemma3, tokens: np.ndarray, block_size: int | None = None, batch_size: int = 4,
+                    progress: bool = False) -> dict:
+    """Mean loss (nats/token) and perplexity of ``model`` over all of ``tokens`` (see the module doc)."""
+    mc = model.config
+    block_size = block_size or min(mc.context_length, 512)
+    if block_size > mc.context_length:
+        raise UserError(f"block size {block_size} is above the model's context length {mc.context_length}")
+    n = len(tokens)
+    if n == 0:
+        raise UserError("no tokens to evaluate")
+    device = model.lm_head.weight.device
+    starts = list(range(0, n, block_size))
+    total, t0 = 0.0, time.perf_counter()
+    bar = tqdm(total=n, unit="tok", desc="eval", disable=not progress, file=sys.stderr)
+    for b in range(0, len(starts), batch_size):
+        group = starts[b:b + batch_size]
+        x = torch.full((len(group), block_size), mc.eot_token_id, dtype=torch.long)
+        y = torch.full((len(group), block_size), -100, dtype=torch.long)
+        for r, s in enumerate(group):
+            tgt = torch.from_numpy(np.asarray(tokens[s:s + block_size], dtype=np.int64))
+            # input t-1 predicts target t; the token before the split is <|endoftext|>
+            prev = torch.from_numpy(np.asarray(tokens[max(s - 1, 0):s + len(tgt) - 1], dtype=np.int64))
+            inp = torch.cat([torch.tensor([mc.eot_token_id]), prev]) if s == 0 else prev
+            x[r, :len(tgt)], y[r, :len(tgt)] = inp, tgt
+        logits = model(x.to(device))
+        # summed in float64 so that the mean does not depend on how the split is batched
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
+                               reduction="none")
+        total += loss.double().sum().item()
+        bar.update(int((y != -100).sum()))
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    mean = total / n
+    return {"loss": mean, "perplexity": math.exp(mean), "tokens": n, "windows": len(starts),
+            "block_size": block_size, "tokens_per_s": n / elapsed, "elapsed_s": elapsed}
+
+
+def _eval(args: argparse.Namespace) -> int:
+    cfg = from_dict(EvalConfig, dataclass_overrides(args, EvalConfig), "eval")
+    if cfg.data is None:
+        raise UserError("--data is required (a folder made by `tinygemma prepare`)")
+    model = load_checkpoint(args.checkpoint, device=args.device)
+    if cfg.block_size is not None and cfg.block_size > model.config.context_length:
+        raise UserError(f"--block-size {cfg.block_size} is above the model's context length "
+                        f"{model.config.context_length}")
+    ds = TokenDataset(cfg.data, cfg.split, vocab_size=model.config.vocab_size)
+    res = evaluate_tokens(model, ds.tokens, cfg.block_size, cfg.batch_size, progress=not args.json)
+    res = {"checkpoint": str(args.checkpoint), "data": cfg.data, "split": cfg.split, **res}
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"{cfg.split}: loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  "
+              f"({res['tokens']:,} tokens in {res['windows']:,} windows of {res['block_size']}, "
+              f"{res['tokens_per_s']:,.0f} tokens/s)")
+    return 0
+
+
+# -- samples report --------------------------------------------------------------------------------
+def repeated_ngram_rate(tokens: list[int], n: int = 4) -> tuple[int, int]:
+    """(repeats, total): n-grams that already occurred earlier in the same sample, out of all n-grams."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) - len(set(grams)), len(grams)
+
+
+def mojibake_count(text: str) -> int:
+    """Replacement characters (bytes that are not UTF-8) plus ftfy's count of mojibake sequences."""
+    return text.count("\ufffd") + badness(text)
+
+
+@torch.inference_mode()
+def completion_loss(model: Gemma3, prompt: list[int], completion: list[int]) -> float:
+    """Summed loss (nats) of ``completion`` given ``prompt`` (which must be non-empty)."""
+    ids = torch.tensor([prompt + completion], device=model.lm_head.weight.device)
+    logits = model(ids[:, :-1])[0, len(prompt) - 1:]
+    return F.cross_entropy(logits.float(), ids[0, len(prompt):], reduction="sum").item()
+
+
+def _measures(rows: list[dict]) -> dict:
+    rep = sum(r["_rep"][0] for r in rows), sum(r["_rep"][1] for r in rows)
+    bigrams = [tuple(r["_tokens"][i:i + 2]) for r in rows for i in range(len(r["_tokens"]) - 1)]
+    n_tok = sum(r["_scored"] for r in rows)
+    return {
+        "samples": len(rows),
+        "ended_with_eot": sum(r["ended_with_eot"] for r in rows) / len(rows),
+        "repeated_4gram_rate": rep[0] / rep[1] if rep[1] else 0.0,
+        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+        "mojibake": sum(r["mojibake"] for r in rows),
+        "mean_token_loss": sum(r["_loss_sum"] for r in rows) / n_tok if n_tok else float("nan"),
+        "tokens": sum(len(r["_tokens"]) for r in rows),
+    }
+
+
+def sample_report(model: Gemma3, tokenizer: Tokenizer, prompts: list[str] | None = None,
+                  cfg: SamplingConfig | None = None) -> dict:
+    """Generate completions for ``prompts`` (default: the tutorial's five) and measure them.
+
+    Returns {"config", "overall", "samples": [{prompt, sample, text, tokens, ended_with_eot, measures...}]}.
+    """
+    prompts = list(TUTORIAL_PROMPTS if prompts is None else prompts)
+    cfg = cfg or SamplingConfig(seed=REPORT_SEED)
+    model = unwrap(model)  # a compiled/DDP training model would recompile for every generation shape
+    was_training = model.training
+    model.eval()
+    eot = model.config.eot_token_id
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    rows_ids = [ids for ids in prompt_ids for _ in range(cfg.num_samples)]
+    out: list[list[int]] = [[] for _ in rows_ids]
+    ended = [False] * len(rows_ids)
+    for step in stream(model, prompt_ids, cfg):
+        for r, t in enumerate(step):
+            if t == eot:
+                ended[r] = True
+            elif t is not None:
+                out[r].append(t)
+    rows = []
+    for r, (ids, toks) in enumerate(zip(rows_ids, out, strict=True)):
+        text = tokenizer.decode(toks)
+        scored = toks + [eot] * ended[r]  # the end of the story is a prediction too
+        loss = completion_loss(model, ids[-(model.config.context_length - len(scored)):], scored) if scored else 0.0
+        rep = repeated_ngram_rate(toks)
+        bigrams = [tuple(toks[i:i + 2]) for i in range(len(toks) - 1)]
+        rows.append({
+            "prompt": prompts[r // cfg.num_samples], "sample": r % cfg.num_samples, "text": text,
+            "tokens": len(toks), "token_ids": toks, "ended_with_eot": ended[r],
+            "repeated_4gram_rate": rep[0] / rep[1] if rep[1] else 0.0,
+            "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+            "mojibake": mojibake_count(text),
+            "mean_token_loss": loss / len(scored) if scored else float("nan"),
+            "_rep": rep, "_tokens": toks, "_scored": len(scored), "_loss_sum": loss,
+        })
+    model.train(was_training)
+    overall = _measures(rows)
+    return {"config": asdict(cfg), "overall": overall,
+            "samples": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|])")
+
+
+def _md(text: str) -> str:
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def _fmt(key: str, value) -> str:
+    if key == "ended_with_eot":
+        return f"{value:.0%}" if isinstance(value, float) else ("yes" if value else "no")
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+MEASURES = [("ended_with_eot", "ends with <|endoftext|>"), ("repeated_4gram_rate", "repeated 4-grams"),
+            ("distinct_2", "distinct-2"), ("mojibake", "mojibake"), ("mean_token_loss", "mean token loss"),
+            ("tokens", "tokens")]
+
+
+def render_markdown(report: dict, title: str) -> str:
+    o = report["overall"]
+    lines = [f"# {_md(title)}", "", "Sampling: " + ", ".join(f"{k}={v}" for k, v in report["config"].items()), "",
+             "| " + " | ".join(_md(label) for _, label in MEASURES) + " |",
+             "|" + "---:|" * len(MEASURES),
+             "| " + " | ".join(_fmt(k, o[k]) for k, _ in MEASURES) + " |", ""]
+    for s in report["samples"]:
+        suffix = f" — sample {s['sample'] + 1}" if s["sample"] else ""
+        lines += [f"## {_md(s['prompt']) or '(empty prompt)'}{suffix}", ""]
+        story = s["prompt"] + s["text"] + (" ⟨end⟩" if s["ended_with_eot"] else " ⟨cut⟩")
+        lines += ["> " + _md(line) for line in story.split("\n")]
+        lines += ["", "*" + ", ".join(f"{_md(label)}: {_fmt(k, s[k])}" for k, label in MEASURES) + "*", ""]
+    return "\n".join(lines)
+
+
+def render_html(report: dict, title: str) -> str:
+    o, e = report["overall"], html.escape
+    head = "".join(f"<th>{e(label)}</th>" for _, label in MEASURES)
+    body = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
+            "<style>body{font-family:sans-serif;max-width:50em;margin:auto}td,th{padding:0 .6em}"
+            "blockquote{white-space:pre-wrap;border-left:3px solid #ccc;padding-left:1em}"
+            ".m{color:#666;font-size:90%}</style></head><body>",
+            f"<h1>{e(title)}</h1><p>Sampling: {e(', '.join(f'{k}={v}' for k, v in report['config'].items()))}</p>",
+            f"<table><tr>{head}</tr><tr>" + "".join(f"<td>{e(_fmt(k, o[k]))}</td>" for k, _ in MEASURES)
+            + "</tr></table>"]
+    for s in report["samples"]:
+        end = "⟨end⟩" if s["ended_with_eot"] else "⟨cut⟩"
+        body += [f"<h2>{e(s['prompt']) or '(empty prompt)'}</h2>",
+                 f"<blockquote><b>{e(s['prompt'])}</b>{e(s['text'])} {end}</blockquote>",
+                 "<p class='m'>" + ", ".join(f"{e(label)}: {e(_fmt(k, s[k]))}" for k, label in MEASURES) + "</p>"]
+    return "\n".join(body + ["</body></html>", ""])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_samples_report(model: Gemma3, tokenizer: Tokenizer, out_path: str | os.PathLike,
+                         prompts: list[str] | None = None, cfg: SamplingConfig | None = None,
+                         title: str = "tinygemma samples") -> dict:
+    """Write ``out_path`` (Markdown) and its ``.html`` twin; returns the report (see :func:`sample_report`).
+
+    Training calls this at each evaluation; the model's train/eval mode is restored afterwards.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    report = sample_report(model, tokenizer, prompts, cfg)
+    _atomic_write_text(out_path, render_markdown(report, title))
+    _atomic_write_text(out_path.with_suffix(".html"), render_html(report, title))
+    return report
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read prompts ({e.__class__.__name__})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _samples(args: argparse.Namespace) -> int:
+    cfg = sampling_config_from_args(args)
+    if cfg.seed is None:
+        cfg.seed = REPORT_SEED
+    prompts = TUTORIAL_PROMPTS + (read_prompts(args.prompts) if args.prompts else [])
+    model = load_checkpoint(args.checkpoint, device=args.device)
+    out = Path(args.out)
+    report = write_samples_report(model, Tokenizer(), out, prompts, cfg, title=f"Samples from {args.checkpoint}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    o = report["overall"]
+    print(", ".join(f"{label}: {_fmt(k, o[k])}" for k, label in MEASURES))
+    print(f"wrote {out} and {out.with_suffix('.html')}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="mean loss and perplexity of a checkpoint over a whole data split",
+                       description="Score every token of a split exactly once, in non-overlapping windows "
+                                   "that start without context from the previous window.")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then its best/)")
+    add_dataclass_args(p, EvalConfig)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("samples", help="a Markdown/HTML report of sampled stories with automatic measures")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then its best/)")
+    p.add_argument("--prompts", help="file with more prompts, one per line (added to the tutorial's five)")
+    p.add_argument("--out", default="samples.md", help="Markdown report path; the HTML twin goes beside it")
+    add_dataclass_args(p, SamplingConfig)
+    p.add_argument("--json", action="store_true", help="also print the report as JSON")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=_samples)

@@ -1,0 +1,369 @@
+"""Story generation with a KV cache: ``tinygemma generate`` and the Python API behind it.
+
+The prompt is prefilled in one forward pass, then every step feeds one token per row. Each layer
+keeps its keys/values in a preallocated buffer: full-attention layers hold every position, sliding
+layers only the last ``sliding_window`` positions in a ring buffer, so their memory stays bounded.
+
+Several prompts decode together. Prompts of unequal length are left-padded; boolean masks hide the
+padding and each row gets its own RoPE positions, so a row's tokens are exactly those it would get
+alone. Every prompt is preceded by ``<|endoftext|>`` (how each story starts in the training data),
+so an empty prompt is allowed and starts a fresh story. A prompt that does not fit in the context
+together with ``max_new_tokens`` loses its oldest tokens (left truncation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict
+from tinygemma.model import FULL, SLIDING, Gemma3
+from tinygemma.tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = field(default=200, metadata={"help": "tokens to generate per sample at most"})
+    temperature: float = field(default=0.8, metadata={"help": "softmax temperature; 0 means greedy"})
+    top_k: int = field(default=50, metadata={"help": "keep the k most likely tokens; 0 keeps all"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus: smallest set with this probability mass"})
+    greedy: bool = field(default=False, metadata={"help": "always take the most likely token"})
+    seed: int | None = field(default=None, metadata={"help": "random seed (reproducible samples)"})
+    num_samples: int = field(default=1, metadata={"help": "samples per prompt"})
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0, got {self.top_k}")
+        if self.num_samples <= 0:
+            raise UserError(f"num_samples must be positive, got {self.num_samples}")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Gemma3:
+    """A checkpoint folder (config.json + model.safetensors), or a run folder (then its ``best/``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such checkpoint folder")
+    if not (path / "config.json").is_file() and (path / "best" / "config.json").is_file():
+        path = path / "best"
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a checkpoint (no config.json) nor a run folder (no best/)")
+    return Gemma3.from_pretrained(path, device=device, dtype=dtype).eval()
+
+
+def unwrap(model: torch.nn.Module) -> Gemma3:
+    """The plain model inside a torch.compile and/or DDP wrapper (as training holds it)."""
+    for _ in range(4):  # e.g. DDP(compile(model))
+        inner = getattr(model, "_orig_mod", getattr(model, "module", None))
+        if not isinstance(inner, torch.nn.Module):
+            break
+        model = inner
+    return model
+
+
+# -- KV cache ------------------------------------------------------------------------------------
+class KVCache:
+    """One layer's keys/values, preallocated: ``size`` slots per row, written at ``self.slots``.
+
+    A full-attention layer has one slot per position (``ring=False``). A sliding layer has
+    ``window`` slots reused in turn (``ring=True``): position c lives in slot c % window.
+    """
+
+    def __init__(self, batch: int, heads: int, size: int, head_dim: int, ring: bool,
+                 dtype: torch.dtype, device: torch.device):
+        self.k = torch.zeros(batch, heads, size, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.size, self.ring = size, ring
+        self.step_slot = torch.zeros(1, dtype=torch.long, device=device)  # decode steps write it in place
+        self.slots = self.step_slot  # where update() writes; the prefill points it at the prompt's slots
+        self.visible: int | None = None  # slots to attend over (None = all); a ring sets it only to prefill
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ring and self.visible is not None:
+            # prefill into an empty ring: attend over the prompt itself, keep only its last `size` positions
+            n = min(k.shape[2], self.size)
+            self.k.index_copy_(2, self.slots[-n:], k[:, :, -n:])
+            self.v.index_copy_(2, self.slots[-n:], v[:, :, -n:])
+            return k, v
+        self.k.index_copy_(2, self.slots, k)
+        self.v.index_copy_(2, self.slots, v)
+        if self.visible is None:
+            return self.k, self.v
+        return self.k[:, :, :self.visible], self.v[:, :, :self.visible]
+
+
+# -- sampling ------------------------------------------------------------------------------------
+def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Probabilities (B, V) after temperature, then top-k, then top-p (the order transformers uses)."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1:
+        # keep the most likely tokens until their mass reaches top_p (always at least one)
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
+    if cfg.greedy or cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = next_token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+# -- decoding ------------------------------------------------------------------------------------
+def _prepare_prompts(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig) -> list[list[int]]:
+    mc = model.config
+    if cfg.max_new_tokens >= mc.context_length:
+        raise UserError(f"max_new_tokens ({cfg.max_new_tokens}) must be below the context length "
+                        f"({mc.context_length})")
+    if not prompt_ids:
+        raise UserError("no prompts")
+    keep = mc.context_length - cfg.max_new_tokens
+    rows = []
+    for ids in prompt_ids:
+        ids = list(ids) or [mc.eot_token_id]  # an empty prompt starts a new story
+        if any(not 0 <= t < mc.vocab_size for t in ids):
+            raise UserError(f"prompt token ids must lie in [0, {mc.vocab_size})")
+        rows.append(ids[-keep:])  # left truncation so that prompt + output fit in the context
+    return rows
+
+
+# the buffers of compiled decoding, per model (weakly held)
+_KEPT_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _new_caches(model: Gemma3, batch: int, total: int, dtype: torch.dtype, device: torch.device,
+                reuse: bool) -> list[KVCache]:
+    """One cache per layer. With ``reuse`` (compiled decoding) the buffers of the previous call of the same
+    shape are kept on the model: CUDA graphs replay over fixed addresses, so new buffers would mean
+    re-recording. Stale contents need no clearing: the masks only admit slots written in this call."""
+    mc = model.config
+    key = (batch, total, dtype, str(device))
+    kept = _KEPT_CACHES.get(model)
+    if reuse and kept is not None and kept[0] == key:
+        return kept[1]
+    caches = [KVCache(batch, mc.num_kv_heads, min(mc.sliding_window, total) if t == SLIDING else total,
+                      mc.head_dim, ring=t == SLIDING, dtype=dtype, device=device) for t in mc.layer_types]
+    if reuse:
+        for c in caches:
+            for buf in (c.k, c.v, c.step_slot):  # updated in place, read by the CUDA graph
+                torch._dynamo.mark_static_address(buf)
+        _KEPT_CACHES[model] = (key, caches)  # one shape at a time, so memory stays bounded
+    return caches
+
+
+@torch.inference_mode()
+def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | None = None, *,
+           compile: bool = False) -> Iterator[list[int | None]]:
+    """Yield, per decoding step, the new token of every row (None once a row has finished).
+
+    Rows are the prompts, each repeated ``cfg.num_samples`` times (prompt-major order). A row
+    finishes after ``<|endoftext|>`` (yielded once, then None) or after ``max_new_tokens`` tokens.
+    ``compile=True`` compiles the one-token decode step (useful on CUDA; static shapes).
+    """
+    cfg = cfg or SamplingConfig()
+    model = unwrap(model)
+    mc = model.config
+    device = model.lm_head.weight.device
+    dtype = model.lm_head.weight.dtype
+    rows = [ids for ids in _prepare_prompts(model, prompt_ids, cfg) for _ in range(cfg.num_samples)]
+    B, P = len(rows), max(map(len, rows))
+    total = P + cfg.max_new_tokens  # columns: left padding + prompt, then generated tokens
+    pad = torch.tensor([P - len(r) for r in rows], device=device)
+    ids = torch.tensor([[mc.eot_token_id] * (P - len(r)) + r for r in rows], device=device)
+    gen = torch.Generator(device=device)
+    if cfg.seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(cfg.seed)
+
+    W = mc.sliding_window
+    caches = _new_caches(model, B, total, dtype, device, reuse=compile)
+    col = torch.arange(total, device=device)
+    real = col[None, :] >= pad[:, None]  # (B, total): column holds a real token of that row
+
+    # prefill: causal over real tokens (+ window); padding queries see only themselves (no all-masked rows)
+    i, j = col[:P, None], col[None, :P]
+    causal = (j <= i)[None] & real[:, None, :P]
+    causal = causal | (i == j)[None]
+    masks = {FULL: causal[:, None], SLIDING: (causal & (i - j < W)[None])[:, None]}
+    for c in caches:
+        c.slots = col[:P] % c.size if c.ring else col[:P]
+        c.visible = P
+    positions = (col[None, :P] - pad[:, None]).clamp(min=0)
+    logits = model(ids, positions=positions, masks=masks, cache=caches, logits_to_keep=1)[:, -1]
+
+    step = model
+    for c in caches:
+        c.slots = c.step_slot
+        if c.ring or compile:
+            c.visible = None  # compiled: attend over the whole buffer, masked, so that shapes never change
+    if compile:
+        # static shapes, CUDA graphs where available; dynamo's cache makes later calls reuse the compiled step
+        step = torch.compile(model, mode="reduce-overhead", dynamic=False)
+
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    ring_slots = torch.arange(min(W, total), device=device)
+    eot = mc.eot_token_id
+    for t in range(cfg.max_new_tokens):
+        tok = torch.where(done, eot, _pick(logits, cfg, gen))
+        out, finished = torch.stack((tok, done.long())).tolist()  # one device->host copy per step
+        yield [None if f else x for x, f in zip(out, finished, strict=True)]
+        done |= tok == eot
+        if t == cfg.max_new_tokens - 1 or all(f or x == eot for x, f in zip(out, finished, strict=True)):
+            return
+        c_now = P + t  # column of the token being fed
+        for c in caches:
+            c.slots.fill_(c_now % c.size if c.ring else c_now)
+            if not compile and not c.ring:
+                c.visible = c_now + 1
+        # ring slot s holds the latest column congruent to s (mod size) that is <= c_now
+        ring_cols = c_now - (c_now - ring_slots) % ring_slots.numel()
+        ring_mask = (ring_cols[None, :] >= pad[:, None]) & (ring_cols[None, :] >= 0)
+        full_mask = real & (col[None, :] <= c_now)
+        if not compile:
+            full_mask = full_mask[:, :c_now + 1]
+        masks = {FULL: full_mask[:, None, None], SLIDING: ring_mask[:, None, None]}
+        positions = (c_now - pad)[:, None]
+        if compile:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step(tok[:, None], positions=positions, masks=masks, cache=caches)[:, -1]
+
+
+def generate_ids(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | None = None, *,
+                 compile: bool = False) -> list[list[int]]:
+    """New tokens per row (prompt-major, ``num_samples`` per prompt), stopping before ``<|endoftext|>``."""
+    cfg = cfg or SamplingConfig()
+    out: list[list[int]] = [[] for _ in range(len(prompt_ids) * cfg.num_samples)]
+    eot = model.config.eot_token_id
+    for step in stream(model, prompt_ids, cfg, compile=compile):
+        for row, tok in zip(out, step, strict=True):
+            if tok is not None and tok != eot:
+                row.append(tok)
+    return out
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Each prompt preceded by ``<|endoftext|>``, as stories are in the training data."""
+    return [[tokenizer.eot_id] + tokenizer.encode(p) for p in prompts]
+
+
+def generate_text(model: Gemma3, tokenizer: Tokenizer, prompts: list[str], cfg: SamplingConfig | None = None,
+                  ) -> list[str]:
+    """The completions (without the prompt), ``num_samples`` per prompt in prompt-major order."""
+    return [tokenizer.decode(ids) for ids in generate_ids(model, encode_prompts(tokenizer, prompts), cfg)]
+
+
+class TextStream:
+    """Text pieces of one row as its tokens arrive; holds back bytes of a character split across tokens."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self.tokenizer.decode_bytes([token]))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sampling_config_from_args(args: argparse.Namespace) -> SamplingConfig:
+    return from_dict(SamplingConfig, dataclass_overrides(args, SamplingConfig), "sampling")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    cfg = sampling_config_from_args(args)
+    prompts = args.prompt if args.prompt else [""]
+    model = load_checkpoint(args.checkpoint, device=args.device)
+    tok = Tokenizer()
+    prompt_ids = encode_prompts(tok, prompts)
+    keep = model.config.context_length - cfg.max_new_tokens
+    if cfg.max_new_tokens < model.config.context_length and any(len(p) > keep for p in prompt_ids):
+        print(f"tinygemma generate: warning: prompt longer than {keep} tokens "
+              f"(context {model.config.context_length} - max_new_tokens); keeping its last {keep}", file=sys.stderr)
+    rows = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]
+    out: list[list[int]] = [[] for _ in rows]
+    ended = [False] * len(rows)
+    live = not args.no_stream and not args.json and len(rows) == 1
+    printed = 0  # rows printed so far (in order, each once it has finished)
+    text = TextStream(tok)
+    eot = tok.eot_id
+    header = lambda r: f"--- prompt {rows[r][0] + 1}, sample {rows[r][1] + 1} ---" if len(rows) > 1 else None
+
+    def flush_finished(final: bool) -> None:
+        nonlocal printed
+        while printed < len(rows) and (final or ended[printed]):
+            if h := header(printed):
+                print(h)
+            print(prompts[rows[printed][0]] + tok.decode(out[printed]), flush=True)
+            printed += 1
+
+    if live:
+        print(prompts[0], end="", flush=True)
+    t0, n_tokens = time.perf_counter(), 0
+    for step in stream(model, prompt_ids, cfg, compile=args.compile):
+        for r, t in enumerate(step):
+            if t is None:
+                continue
+            n_tokens += 1
+            if t == eot:
+                ended[r] = True
+                continue
+            out[r].append(t)
+            if live:
+                print(text.push(t), end="", flush=True)
+        if not args.json and not live:
+            flush_finished(False)
+    elapsed = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"config": asdict(cfg), "tokens_per_s": n_tokens / elapsed, "samples": [
+            {"prompt": prompts[p], "sample": s, "text": tok.decode(ids), "tokens": ids, "ended_with_eot": e}
+            for (p, s), ids, e in zip(rows, out, ended, strict=True)]}, indent=2))
+        return 0
+    if live:
+        print(text.flush())
+    else:
+        flush_finished(True)
+    print(f"[{n_tokens} tokens in {elapsed:.2f} s, {n_tokens / elapsed:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="write stories from a checkpoint (KV-cache sampling)",
+                       description="Sample stories from a checkpoint. Every prompt is preceded by <|endoftext|>; "
+                                   "prompts too long for the context lose their oldest tokens.")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then its best/)")
+    p.add_argument("--prompt", action="append", help="story opening (repeatable; default: an empty prompt)")
+    add_dataclass_args(p, SamplingConfig)
+    p.add_argument("--no-stream", action="store_true", help="print each story once finished")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (worth it on CUDA)")
+    p.set_defaults(func=_generate)

@@ -1,0 +1,162 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinygemma.cli import main
+from tinygemma.data import PrepareConfig, TokenDataset, prepare
+from tinygemma.evaluate import (
+    TUTORIAL_PROMPTS,
+    evaluate_tokens,
+    mojibake_count,
+    repeated_ngram_rate,
+    sample_report,
+    write_samples_report,
+)
+from tinygemma.generate import SamplingConfig, generate_ids, load_checkpoint
+from tinygemma.model import Gemma3, load_model_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(sample_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    prepare(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=8))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    return Gemma3(load_model_config("tiny")).save_pretrained(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_checkpoint(ckpt)
+
+
+@torch.no_grad()
+def direct_mean_loss(model, tokens, block):
+    """Every token once: the stream is <|endoftext|> + split; window w predicts split[w*block:(w+1)*block]."""
+    seq = torch.cat([torch.tensor([model.config.eot_token_id]), torch.from_numpy(tokens.astype("int64"))])
+    total = 0.0
+    for s in range(0, len(tokens), block):
+        y = seq[s + 1:s + block + 1]
+        x = seq[s:s + len(y)]
+        _, loss = model(x[None], y[None])
+        total += loss.item() * len(y)
+    return total / len(tokens)
+
+
+def test_eval_equals_direct_computation(model, data_dir):
+    tokens = TokenDataset(data_dir, "val").tokens
+    assert len(tokens) % 100  # a short last window is exercised
+    expected = direct_mean_loss(model, tokens, 100)
+    for batch in (1, 3, 7):
+        res = evaluate_tokens(model, tokens, block_size=100, batch_size=batch)
+        assert res["tokens"] == len(tokens) and res["windows"] == math.ceil(len(tokens) / 100)
+        assert res["loss"] == pytest.approx(expected, rel=1e-6)
+        assert res["perplexity"] == pytest.approx(math.exp(expected), rel=1e-6)
+    # deterministic: the same numbers twice
+    assert evaluate_tokens(model, tokens, 100, 3)["loss"] == evaluate_tokens(model, tokens, 100, 3)["loss"]
+
+
+def test_eval_cli_json(ckpt, model, data_dir, capsys):
+    assert main(["eval", str(ckpt), "--data", str(data_dir), "--block-size", "128", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    tokens = TokenDataset(data_dir, "val").tokens
+    assert res["split"] == "val" and res["tokens"] == len(tokens) and res["tokens_per_s"] > 0
+    assert res["loss"] == pytest.approx(direct_mean_loss(model, tokens, 128), rel=1e-6)
+    assert main(["eval", str(ckpt), "--data", str(data_dir), "--split", "train"]) == 0
+    assert "train: loss" in capsys.readouterr().out
+
+
+def test_eval_bad_input(ckpt, data_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("val.bin", "train.bin"):
+        (other / name).write_bytes((data_dir / name).read_bytes())
+    meta = json.loads((data_dir / "meta.json").read_text())
+    meta["tokenizer"], meta["bpe_sha256"] = "llama", "0" * 64
+    (other / "meta.json").write_text(json.dumps(meta))
+    cases = [(["--data", str(data_dir), "--block-size", "513"], "above the model's context length 512"),
+             (["--data", str(other)], "made with tokenizer 'llama'"),
+             ([], "--data is required"),
+             (["--data", str(data_dir), "--split", "test"], "no split 'test'"),
+             (["--data", str(data_dir), "--batch-size", "0"], "batch_size must be positive")]
+    for flags, message in cases:
+        assert main(["eval", str(ckpt), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert main(["eval", str(tmp_path), "--data", str(data_dir)]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
+
+
+def test_measures():
+    assert repeated_ngram_rate([1, 2, 3, 4, 1, 2, 3, 4, 1]) == (2, 6)
+    assert repeated_ngram_rate([1, 2, 3]) == (0, 0)
+    assert mojibake_count("Lily said “hi” — café") == 0
+    assert mojibake_count("cafÃ© and \ufffd") == 2
+
+
+def test_samples_report_measures(model, tokenizer, tmp_path):
+    cfg = SamplingConfig(max_new_tokens=12, greedy=True)
+    first = generate_ids(model, [[tokenizer.eot_id] + tokenizer.encode(TUTORIAL_PROMPTS[0])], cfg)[0]
+    old = model.config.eot_token_id
+    model.config.eot_token_id = first[3]  # pretend the 4th token ends the story
+    model.train()
+    try:
+        report = write_samples_report(model, tokenizer, tmp_path / "r" / "report.md", cfg=cfg)
+    finally:
+        model.config.eot_token_id = old
+    assert model.training  # restored for the trainer
+    model.eval()
+    samples = report["samples"]
+    assert [s["prompt"] for s in samples] == TUTORIAL_PROMPTS
+    assert samples[0]["token_ids"] == first[:3] and samples[0]["ended_with_eot"]
+    ended = sum(s["ended_with_eot"] for s in samples)
+    assert report["overall"]["ended_with_eot"] == pytest.approx(ended / 5)
+    # mean token loss of sample 0: its three tokens and the end of the story, under the model itself
+    ids = torch.tensor([[tokenizer.eot_id] + tokenizer.encode(TUTORIAL_PROMPTS[0]) + first[:4]])
+    with torch.no_grad():
+        logits = model(ids)[0, -5:-1]
+    assert samples[0]["mean_token_loss"] == pytest.approx(F.cross_entropy(logits, ids[0, -4:]).item(), rel=1e-5)
+    for s in samples:
+        rep, total = repeated_ngram_rate(s["token_ids"])
+        assert s["repeated_4gram_rate"] == pytest.approx(rep / total if total else 0.0)
+        bigrams = list(zip(s["token_ids"], s["token_ids"][1:], strict=False))
+        assert s["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))
+        assert s["text"] == tokenizer.decode(s["token_ids"])
+    md = (tmp_path / "r" / "report.md").read_text()
+    html = (tmp_path / "r" / "report.html").read_text()
+    for p in TUTORIAL_PROMPTS:
+        assert p in md and p in html
+    assert "distinct-2" in md and "<table>" in html
+
+
+def test_samples_seeded_report_is_reproducible(model, tokenizer):
+    cfg = SamplingConfig(max_new_tokens=8, seed=5, num_samples=2)
+    a = sample_report(model, tokenizer, ["Tom had a red ball."], cfg)
+    assert a == sample_report(model, tokenizer, ["Tom had a red ball."], cfg)
+    assert len(a["samples"]) == 2 and a["overall"]["samples"] == 2
+
+
+def test_samples_cli(ckpt, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The dog found a <shiny> *star*\n\n")
+    out = tmp_path / "out" / "samples.md"
+    assert main(["samples", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "6"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    md = out.read_text()
+    assert md.count("\n## ") == 6 and r"The dog found a \<shiny\> \*star\*" in md
+    assert "The dog found a &lt;shiny&gt; *star*" in out.with_suffix(".html").read_text()
+    assert main(["samples", str(ckpt), "--prompts", str(tmp_path / "nope.txt")]) == 2
+    assert "cannot read prompts" in capsys.readouterr().err
+
+
+def test_report_accepts_a_compiled_training_model(model, tokenizer):
+    wrapped = torch.compile(model)  # not run: the report must use the plain model inside
+    cfg = SamplingConfig(max_new_tokens=5, greedy=True)
+    assert sample_report(wrapped, tokenizer, ["Hi"], cfg) == sample_report(model, tokenizer, ["Hi"], cfg)
