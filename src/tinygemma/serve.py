@@ -118,6 +118,8 @@ class _Row:
         self.finish: str | None = None
 
     def push(self, token: int, eot: int) -> str:
+        if self.finish is not None:
+            return ""
         if token == eot:
             return self.end("stop")
         self.tokens += 1
