@@ -214,6 +214,9 @@ def test_malformed_json_and_neutral_openai_fields(server):
     assert server.get("/v1/completions").status_code == 405
     r = server.get("/no/such/page")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    # bound to loopback, the server answers only to loopback names (no DNS rebinding from a web page)
+    assert server.get("/health", headers={"Host": "evil.example:8000"}).status_code == 400
+    assert server.get("/health", headers={"Host": "localhost:8000"}).status_code == 200
 
 
 def test_errors_do_not_leak(tokenizer):
@@ -252,7 +255,7 @@ def test_429_when_saturated_and_disconnect_stops_generation(tokenizer):
         host, port = url.removeprefix("http://").split(":")
         body = json.dumps({"prompt": "x", "max_tokens": 400}).encode()
         with socket.create_connection((host, int(port))) as sock:
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             deadline = time.monotonic() + 5
             while client.get("/health").json()["active"] == 0 and time.monotonic() < deadline:
@@ -365,3 +368,28 @@ def test_cli_errors_and_loopback(tmp_path, capsys):
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
     assert ServeConfig().host == "127.0.0.1"
+
+
+def test_cli_binds_loopback_and_warns_otherwise(run_dir, monkeypatch, capsys):
+    import tinygemma.serve as serve
+
+    served = []
+
+    class FakeServer:  # stands in for uvicorn: the test checks what the command sets up, then returns
+        def run(self, sockets):
+            served.append(sockets[0].getsockname())
+
+    monkeypatch.setattr(serve, "_uvicorn_server", lambda app, log_level: FakeServer())
+    assert main(["serve", str(run_dir), "--port", "0"]) == 0
+    assert served[-1][0] == "127.0.0.1"
+    err = capsys.readouterr().err
+    assert "warning" not in err and "http://127.0.0.1:" in err
+    assert main(["serve", str(run_dir), "--host", "0.0.0.0", "--port", "0"]) == 0
+    err = capsys.readouterr().err
+    assert served[-1][0] == "0.0.0.0" and "warning: listening on 0.0.0.0, not loopback" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(run_dir), "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tinygemma serve: error: cannot listen on 127.0.0.1:") and len(err.splitlines()) == 1

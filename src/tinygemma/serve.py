@@ -296,7 +296,7 @@ def latest_report(run: Path) -> Path | None:
 
 # -- API schema ------------------------------------------------------------------------------------
 def _request_model(cfg: ServeConfig, context_length: int, vocab_size: int) -> type:
-    """The request body of /v1/completions, with this server's limits built in (shown in /docs too)."""
+    """The request body of /v1/completions, with this server's limits built in (shown in /openapi.json too)."""
     from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
     max_tokens_cap = min(cfg.max_tokens_limit, context_length - 1)
@@ -413,6 +413,7 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     class SSEResponse(StreamingResponse):
         """Server-sent events whose generation is cancelled however the response ends (done, error, disconnect)."""
@@ -450,8 +451,12 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
         yield
         engine.shutdown()
 
-    app = FastAPI(title="tinygemma studio", version="0.1.0", lifespan=lifespan)
+    # no /docs page: FastAPI's loads its scripts from a CDN (the schema is at /openapi.json)
+    app = FastAPI(title="tinygemma studio", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
+    if is_loopback(cfg.host):
+        # a web page elsewhere cannot reach a loopback server through a DNS name of its own (DNS rebinding)
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["localhost", "127.0.0.1", "[::1]"])
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
