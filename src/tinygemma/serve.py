@@ -189,10 +189,6 @@ class Engine:
             self.stats["requests"] += 1
             return True
 
-    def _release(self) -> None:
-        with self._admit:
-            self.active -= 1
-
     def run(self, job: Job, emit: Callable[[list[tuple[int, str, str | None]]], None] | None,
             cancel: threading.Event) -> Result:
         """Generate (in a worker thread; the caller holds a slot from :meth:`try_acquire`, released here).
@@ -239,7 +235,7 @@ class Engine:
                 self._cancels.discard(cancel)
                 self.stats[status] += 1
                 self.stats["completion_tokens"] += sum(row.tokens for row in rows)
-            self._release()
+                self.active -= 1  # the slot taken by try_acquire
 
     def shutdown(self) -> None:
         with self._admit:
