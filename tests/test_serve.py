@@ -305,14 +305,21 @@ def run_dir(tmp_path_factory, model):
     return run
 
 
-def test_read_metrics_and_latest_report(run_dir):
-    records, offset, restarted = read_metrics(run_dir / "metrics.jsonl")
+def test_read_metrics_and_latest_report(run_dir, tmp_path):
+    records, cursor, restarted = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 11)) and not restarted
     assert records[4]["val_loss"] == 9.6 and records[9]["val_loss"] is None
-    more, offset2, _ = read_metrics(run_dir / "metrics.jsonl", offset)
-    assert more == [] and offset2 == offset  # the half-written line waits
-    _, _, restarted = read_metrics(run_dir / "metrics.jsonl", 10**9)
-    assert restarted
+    more, cursor2, _ = read_metrics(run_dir / "metrics.jsonl", cursor)
+    assert more == [] and cursor2 == cursor  # the half-written line waits
+    # training rewrites the file when it resumes (a new file): read it again from the start
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    _, cursor, _ = read_metrics(path)
+    (tmp_path / "new").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    (tmp_path / "new").replace(path)
+    records, _, restarted = read_metrics(path, cursor)
+    assert restarted and [r["step"] for r in records] == [1, 2, 3]
+    assert read_metrics(tmp_path / "missing.jsonl") == ([], "", False)
     assert latest_report(run_dir) == run_dir / "samples" / "step-10.html"
 
 

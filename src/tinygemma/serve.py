@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import socket
 import sys
 import threading
@@ -250,21 +251,24 @@ def _finite(value: Any) -> Any:
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
-def read_metrics(path: Path, offset: int = 0) -> tuple[list[dict], int, bool]:
-    """Records of complete lines from byte ``offset``; returns (records, next offset, restarted).
+def read_metrics(path: Path, cursor: str = "") -> tuple[list[dict], str, bool]:
+    """Records of the lines added since ``cursor``; returns (records, next cursor, restarted).
 
-    A half-written last line is left for the next call; a file shorter than ``offset`` (a new run) is
-    read from the start. Lines that are not JSON objects are skipped.
+    The cursor names the file (its inode) and a byte offset. A half-written last line waits for the
+    next call. A replaced file (training rewrites it when resuming) or a shorter one (a new run) is
+    read from the start, with ``restarted`` true. Lines that are not JSON objects are skipped.
     """
+    inode, _, offset_text = cursor.partition("-")
+    offset = int(offset_text) if offset_text.isdigit() else 0
     try:
         with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            restarted = offset > size
+            st = os.fstat(f.fileno())
+            restarted = offset > st.st_size or (offset > 0 and inode != str(st.st_ino))
             offset = 0 if restarted else offset
             f.seek(offset)
-            data = f.read(size - offset)
+            data = f.read(st.st_size - offset)
     except FileNotFoundError:
-        return [], 0, offset > 0
+        return [], "", offset > 0
     end = data.rfind(b"\n") + 1
     records = []
     for line in data[:end].splitlines():
@@ -274,7 +278,7 @@ def read_metrics(path: Path, offset: int = 0) -> tuple[list[dict], int, bool]:
             continue
         if isinstance(rec, dict):
             records.append({k: _finite(v) for k, v in rec.items()})
-    return records, offset + end, restarted
+    return records, f"{st.st_ino}-{offset + end}", restarted
 
 
 def latest_report(run: Path) -> Path | None:
@@ -504,10 +508,10 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
                 "examples": EXAMPLE_PROMPTS, "run": run.name if run else None}
 
     @app.get("/api/metrics")
-    async def metrics(since: int = 0):
+    async def metrics(since: str = ""):
         if run is None:
             raise HTTPException(404, "not serving a run folder")
-        records, offset, restarted = await asyncio.to_thread(read_metrics, run / "metrics.jsonl", max(since, 0))
+        records, offset, restarted = await asyncio.to_thread(read_metrics, run / "metrics.jsonl", since)
         report = await asyncio.to_thread(latest_report, run)
         return {"run": run.name, "records": records, "next": offset, "restarted": restarted,
                 "report": {"name": report.relative_to(run).as_posix(), "mtime": report.stat().st_mtime}

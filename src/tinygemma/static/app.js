@@ -101,7 +101,7 @@ function stop() {
 }
 
 // -- training page ------------------------------------------------------------------------------
-const run = { next: 0, records: [], report: null, timer: null };
+const run = { next: "", records: [], report: null, timer: null };
 
 function fmt(v) {
   if (v === null || v === undefined || Number.isNaN(v)) return "–";
@@ -181,7 +181,8 @@ function series(key, name, color, dots = false) {
 }
 
 function drawTraining() {
-  drawChart($("chart-loss"), [series("train_loss", "train", "#2f6fde"), series("val_loss", "val", "#e8710a", true)]);
+  drawChart($("chart-loss"), [series("train_loss", "train", "#2f6fde"), series("val_loss", "val", "#e8710a", true),
+    series("eval_train_loss", "train (eval)", "#7baaf7", true)]);
   drawChart($("chart-lr"), [series("lr", "lr", "#188038")]);
   drawChart($("chart-grad"), [series("grad_norm", "grad norm", "#a142f4")]);
   drawChart($("chart-speed"), [series("tokens_per_s", "tokens/s", "#c5221f")]);
@@ -202,7 +203,7 @@ function drawTraining() {
 
 async function refreshTraining() {
   try {
-    const resp = await fetch(`/api/metrics?since=${run.next}`);
+    const resp = await fetch(`/api/metrics?since=${encodeURIComponent(run.next)}`);
     if (!resp.ok) return;
     const data = await resp.json();
     if (data.restarted) run.records = [];
