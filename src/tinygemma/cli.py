@@ -15,7 +15,9 @@ from dataclasses import asdict
 from tinygemma.config import UserError
 
 # Stage modules, in pipeline order; each defines add_commands(subparsers).
-STAGES: tuple[str, ...] = ("tinygemma.data", "tinygemma.generate", "tinygemma.evaluate", "tinygemma.export")
+STAGES: tuple[str, ...] = (
+    "tinygemma.data", "tinygemma.generate", "tinygemma.evaluate", "tinygemma.export", "tinygemma.serve",
+)
 
 
 def _info(args: argparse.Namespace) -> int:

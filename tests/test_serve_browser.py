@@ -1,0 +1,125 @@
+"""The studio page in a real browser: Debian's headless Chromium driven by selenium, nothing downloaded.
+
+The test starts its own server on a free loopback port, clicks an example prompt, watches the story
+grow token by token, stops it, and saves a screenshot for the README (docs/studio.png).
+"""
+
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinygemma.model import Gemma3, load_model_config
+from tinygemma.serve import EXAMPLE_PROMPTS, create_app, serve_in_thread
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "studio.png"
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    if missing:  # fail, not skip: `make test` installs them (apt: chromium chromium-driver)
+        pytest.fail(f"browser test needs {' and '.join(missing)} (Debian packages chromium and chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--window-size=1100,760", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    # an explicit driver path: selenium-manager never runs (it would try to download one)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    """A run folder: a tiny model with fixed random weights, a few metrics lines and a samples report."""
+    torch.manual_seed(0)
+    model = Gemma3(load_model_config("tiny"))
+    run = tmp_path / "tiny-run"
+    model.save_pretrained(run / "best")
+    lines = [{"step": s, "train_loss": 10.8 * 0.97 ** s + 1.5, "lr": 1e-3 * min(1, s / 10), "grad_norm": 2 / s ** .3,
+              "tokens_per_s": 9000.0 + s, **({"val_loss": 10.8 * 0.97 ** s + 1.7} if s % 10 == 0 else {})}
+             for s in range(1, 61)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run / "samples.html").write_text("<h1>Samples at step 60</h1>")
+    return run
+
+
+def test_story_streams_in_the_browser(browser, run_dir, tokenizer):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app = create_app(run_dir, tokenizer=tokenizer)
+    model = app.state.engine.model
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):  # a few tokens per second, so the test can watch the story grow
+        time.sleep(0.03)
+        return forward(*args, **kwargs)
+
+    model.forward = slow_forward
+    with serve_in_thread(app) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 20, poll_frequency=0.05)
+        examples = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples .example"))
+        assert [b.text for b in examples] == EXAMPLE_PROMPTS
+        browser.find_element(By.ID, "seed").send_keys("42")
+        examples[0].click()
+
+        story = browser.find_element(By.ID, "story-text")
+        first = wait.until(lambda d: story.text.strip() or False)
+        grown = wait.until(lambda d: len(story.text) > len(first) + 10 and story.text)
+        assert grown.startswith(first), "text is appended, token by token"
+        assert browser.find_element(By.ID, "story-prompt").text == EXAMPLE_PROMPTS[0]
+        assert browser.find_element(By.ID, "tell").get_attribute("disabled") is not None
+        stats = wait.until(lambda d: "tokens/s" in d.find_element(By.ID, "story-stats").text
+                           and d.find_element(By.ID, "story-stats").text)
+        assert "tokens" in stats
+        time.sleep(0.6)  # a little more story for the screenshot
+        png = browser.get_screenshot_as_png()
+
+        browser.find_element(By.ID, "stop").click()
+        wait.until(lambda d: "stopped" in d.find_element(By.ID, "story-stats").text)
+        assert browser.find_element(By.ID, "tell").get_attribute("disabled") is None
+        assert wait.until(lambda d: app.state.engine.active == 0 or None), "Stop ended the generation on the server"
+        assert app.state.engine.stats["cancelled"] == 1
+        assert not browser.find_element(By.ID, "story-error").is_displayed()
+
+        # the training page draws the curves from metrics.jsonl and shows the report
+        browser.find_element(By.ID, "tab-training").click()
+        summary = wait.until(lambda d: "step 60" in d.find_element(By.ID, "run-summary").text
+                             and d.find_element(By.ID, "run-summary").text)
+        assert "tiny-run" in summary and "val loss" in summary
+        drawn = browser.execute_script(
+            "const c = document.getElementById('chart-loss');"
+            "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+            "let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i + 2] > 150 && d[i] < 100) n++; return n;")
+        assert drawn > 100, "the train-loss curve (blue) is drawn"
+        assert browser.find_element(By.ID, "report").is_displayed()
+
+    _save_screenshot(png)
+
+
+def _save_screenshot(png: bytes) -> None:
+    """Save a small PNG (a 64-colour palette is plenty for a page of text)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    assert image.width > 500 and len(image.getcolors(1 << 24)) > 10, "a page, not a blank screenshot"
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    tmp = SCREENSHOT.with_suffix(".tmp.png")
+    image.quantize(colors=64, method=Image.Quantize.MEDIANCUT).save(tmp, optimize=True)
+    tmp.replace(SCREENSHOT)
