@@ -15,7 +15,7 @@ from dataclasses import asdict
 from tinygemma.config import UserError
 
 # Stage modules, in pipeline order; each defines add_commands(subparsers).
-STAGES: tuple[str, ...] = ()
+STAGES: tuple[str, ...] = ("tinygemma.train",)
 
 
 def _info(args: argparse.Namespace) -> int:
