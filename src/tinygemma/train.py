@@ -196,10 +196,10 @@ class Sampler:
         return [self._windows(starts[a, self.rank]) for a in range(self.accum)]
 
     def fixed_batches(self, purpose: int, count: int) -> list[torch.Tensor]:
-        """``count`` batches that are the same at every evaluation (this rank's share of them)."""
+        """``count`` global batches that are the same at every evaluation; this rank's slice of each."""
         rng = np.random.default_rng([self.seed, purpose])
-        starts = rng.integers(0, len(self.tokens) - self.block, size=(count, self.micro))
-        return [self._windows(starts[i]) for i in range(self.rank, count, self.world)]
+        starts = rng.integers(0, len(self.tokens) - self.block, size=(count, self.world, self.micro))
+        return [self._windows(starts[i, self.rank]) for i in range(count)]
 
     def state(self) -> dict[str, Any]:
         return {"kind": "random_windows", "seed": self.seed, "world": self.world, "micro_batch": self.micro,
@@ -608,10 +608,11 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
             elif cfg.nonfinite == "skip":
                 state["skipped_steps"] += 1
                 if master:
-                    print(f"step {step + 1}: non-finite loss {train_loss} / grad norm {norm}, step skipped",
+                    print(f"step {step + 1}: non-finite loss ({train_loss}) or grad norm ({norm}); step skipped",
                           file=sys.stderr)
             else:
-                raise UserError(f"step {step + 1}: non-finite loss ({train_loss}) or grad norm ({norm}); stopped "
+                what = "gradient norm" if math.isfinite(train_loss) else "loss"
+                raise UserError(f"step {step + 1}: non-finite {what} (loss {train_loss}, grad norm {norm}); stopped "
                                 f"(last good checkpoint: {last_good()}; lower lr or set nonfinite=skip)")
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
