@@ -269,6 +269,27 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def forward_backward(step_model: torch.nn.Module, model: Gemma3, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     autocast, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate the gradient of one optimizer step over ``batches`` (x, y) and clip it.
+
+    ``step_model`` is what runs the batches (plain, compiled and/or DDP-wrapped); ``model`` the plain module.
+    Each micro-loss is divided by the number of micro-batches, so the gradient is that of one big batch;
+    under DDP, gradients are all-reduced only on the last micro-batch. Returns (mean loss, grad norm),
+    both still on the device (no host sync here).
+    """
+    ddp = isinstance(step_model, torch.nn.parallel.DistributedDataParallel)
+    loss_sum = None
+    for i, (x, y) in enumerate(batches):
+        with nullcontext() if (not ddp or i == len(batches) - 1) else step_model.no_sync():
+            with autocast():
+                _, loss = step_model(x, y)
+            (loss / len(batches)).backward()
+        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    return loss_sum / len(batches), grad_norm
+
+
 # -- checkpoints ----------------------------------------------------------------------------------------
 def rng_states() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
@@ -583,21 +604,9 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
             lr = lr_at(cfg, step, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            batches = sampler.step_batches(step)
-            for micro, batch in enumerate(batches):
-                x, y = to_device(batch)
-                last = micro == len(batches) - 1
-                sync = nullcontext() if (world == 1 or last) else step_model.no_sync()
-                with sync:
-                    with autocast():
-                        _, loss = step_model(x, y)
-                    # mean over micro-batches, so the gradient equals that of one big batch
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
-                                                       else float("inf"))
-            shared = torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(stop.requested), device=device)])
+            batches = [to_device(b) for b in sampler.step_batches(step)]
+            mean_loss, grad_norm = forward_backward(step_model, model, batches, autocast, cfg.grad_clip)
+            shared = torch.stack([mean_loss, torch.tensor(float(stop.requested), device=device)])
             if world > 1:
                 dist.all_reduce(shared)
                 shared[0] /= world
