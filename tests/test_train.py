@@ -261,6 +261,18 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
     assert json.loads((tmp_path / "ddp" / "run_config.json").read_text())["world_size"] == 2
 
 
+def test_time_budget_fits_the_schedule_and_stops(data_dir, tmp_path):
+    assert run_cli("--data", str(data_dir), "--out", str(tmp_path), *BASE, "--time-budget", "0.1",
+                   "--warmup-steps", "1", "--eval-interval", "1000") == 0
+    state = json.loads(next(tmp_path.glob("checkpoint-*/trainer_state.json")).read_text())
+    rows = metrics(tmp_path)
+    assert state["step"] == state["total_steps"] == rows[-1]["step"] >= 2  # the estimate closed on the budget
+    slowest_step = max(256 / r["tokens_per_s"] for r in rows)
+    assert state["train_time_s"] <= 0.1 * 60 + slowest_step
+    lrs = [r["lr"] for r in rows]
+    assert lrs[0] == pytest.approx(3e-3) and all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
 # -- non-finite values -----------------------------------------------------------------------------------
 def test_nonfinite_values_stop_and_keep_last_checkpoint(data_dir, tmp_path, capsys):
     # LR 1e30 blows the weights up in the first step; the second step's gradients are NaN
