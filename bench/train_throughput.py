@@ -54,7 +54,8 @@ def tutorial_attention(self, x, cos, sin, mask=None, cache=None):
 def child(spec: dict) -> dict:
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    cfg = TrainConfig(device=spec["device"], max_steps=1, max_tokens=None, peak_tflops=spec["peak_tflops"])
+    cfg = TrainConfig(device=spec["device"], max_steps=1, max_tokens=None, peak_tflops=spec["peak_tflops"],
+                      precision=spec["precision"])
     model_cfg = load_model_config(spec["model"])
     variant, micro, block = spec["variant"], spec["micro"], spec["block"]
     amp = autocast_dtype(cfg, device)
@@ -130,6 +131,8 @@ def main() -> None:
                                                     "(default: all on CUDA; no compiled ones on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 CUDA, 3 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 CUDA, 1 CPU)")
+    p.add_argument("--precision", default="auto", help="tinygemma and hf variants: auto (bf16 autocast on CUDA, "
+                                                       "fp32 on CPU) | bf16 (autocast) | fp32")
     p.add_argument("--repeats", type=int, default=None, help="rounds over all variants, best kept (default: 1 CUDA, "
                                                              "2 CPU: a shared CPU is noisy)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: trainer's table)")
@@ -145,14 +148,16 @@ def main() -> None:
     variants = (args.variants or ",".join(v for v in VARIANTS if cuda or "compile" not in v)).split(",")
     steps, warmup = args.steps or (20 if cuda else 3), args.warmup if args.warmup is not None else (5 if cuda else 1)
     print(f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if cuda else f", {os.cpu_count()} CPUs")
-          + f"; model {model}; block {args.block_size}; {steps} timed steps after {warmup}; torch {torch.__version__}")
+          + f"; model {model}; block {args.block_size}; precision {args.precision}; {steps} timed steps after "
+          f"{warmup}; torch {torch.__version__}")
     repeats = args.repeats or (1 if cuda else 2)
     best: dict[tuple[str, int], dict] = {}
     for round_ in range(repeats):  # interleaved rounds, so that a burst of outside load hits every variant
         for micro in micros:
             for variant in variants:
                 spec = {"device": args.device, "model": model, "variant": variant, "micro": micro,
-                        "block": args.block_size, "steps": steps, "warmup": warmup, "peak_tflops": args.peak_tflops}
+                        "block": args.block_size, "steps": steps, "warmup": warmup, "peak_tflops": args.peak_tflops,
+                        "precision": args.precision}
                 proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                       text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
