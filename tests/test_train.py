@@ -269,6 +269,7 @@ def test_time_budget_fits_the_schedule_and_stops(data_dir, tmp_path):
     assert state["step"] == state["total_steps"] == rows[-1]["step"] >= 2  # the estimate closed on the budget
     slowest_step = max(256 / r["tokens_per_s"] for r in rows)
     assert state["train_time_s"] <= 0.1 * 60 + slowest_step
+    assert rows[-2]["elapsed_s"] <= 0.1 * 60  # the last step started within the budget
     lrs = [r["lr"] for r in rows]
     assert lrs[0] == pytest.approx(3e-3) and all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 

@@ -76,7 +76,8 @@ class TrainConfig:
     # budget: exactly one of these (a command-line budget replaces the recipe's)
     max_steps: int | None = None
     max_tokens: int | None = 614_400_000
-    time_budget: float | None = field(default=None, metadata={"help": "minutes of training"})
+    time_budget: float | None = field(default=None, metadata={"help": "minutes of training (wall clock, "
+                                                                      "evaluations included)"})
     # optimizer and schedule
     lr: float = 6e-4
     min_lr: float | None = field(default=None, metadata={"help": "final LR (default: lr x min_lr_ratio)"})
@@ -588,7 +589,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
                dynamic_ncols=True, unit="step")
     save_interval = cfg.save_interval or cfg.eval_interval
     start_wall = time.perf_counter() - state["elapsed_s"]
-    steps_here, timed_s = 0, 0.0  # steps run by this process, time of all but its first (compilation)
+    steps_here, first_end = 0, 0.0  # steps run by this process; when its first step ended
     window_tokens, window_s = 0, 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -597,7 +598,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
             total = total_steps()
             if total is not None and state["step"] >= total:
                 break
-            if cfg.time_budget is not None and state["train_time_s"] >= cfg.time_budget * 60:
+            if cfg.time_budget is not None and time.perf_counter() - start_wall >= cfg.time_budget * 60:
                 break
             step = state["step"]
             t0 = time.perf_counter()
@@ -627,21 +628,21 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
-            if world > 1 and cfg.time_budget is not None:  # ranks must agree on the estimated total
-                slowest = torch.tensor([dt], dtype=torch.float64, device=device)
-                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-                dt = slowest.item()
             state["step"] = step = step + 1
             state["tokens"] += tokens_per_step
             state["train_time_s"] += dt
             window_tokens, window_s = window_tokens + tokens_per_step, window_s + dt
             steps_here += 1
-            if steps_here > 1:
-                timed_s += dt
             if cfg.time_budget is not None:
-                per_step = timed_s / (steps_here - 1) if steps_here > 1 else dt
-                remaining = max(0.0, cfg.time_budget * 60 - state["train_time_s"])
-                state["total_steps"] = step + int(remaining / per_step)
+                # wall time per step, evaluations and checkpoints included; the first step (compilation) left out
+                now = time.perf_counter() - start_wall
+                first_end = now if steps_here == 1 else first_end
+                timing = torch.tensor([now, (now - first_end) / (steps_here - 1) if steps_here > 1 else dt],
+                                      dtype=torch.float64, device=device)
+                if world > 1:  # ranks must agree on the estimated total
+                    dist.all_reduce(timing, op=dist.ReduceOp.MAX)
+                now, per_step = timing.tolist()
+                state["total_steps"] = step + int(max(0.0, cfg.time_budget * 60 - now) / per_step)
                 bar.total = state["total_steps"]
 
             total = total_steps()
