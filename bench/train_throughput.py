@@ -5,7 +5,7 @@
 
 Variants (same model config, same micro-batch, one optimizer step per micro-batch):
   tinygemma          this trainer's step (train.forward_backward + AdamW as train() builds them: fp32 master
-                     weights, bf16 autocast on CUDA, fused AdamW on CUDA, no decay on norms/embeddings)
+                     weights, bf16 autocast on CUDA, fused AdamW, no decay on norms/embeddings)
   tinygemma+compile  the same, torch.compile'd (the trainer's default on CUDA)
   hf                 transformers' Gemma3ForCausalLM, attn_implementation="sdpa", bf16 autocast on CUDA, fused AdamW
   hf+compile         the same, torch.compile'd
@@ -79,8 +79,7 @@ def child(spec: dict) -> dict:
             model.save_pretrained(tmp)
             hf = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", dtype=torch.float32)
         hf.to(device).train()
-        optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                      fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
         runner = torch.compile(hf) if variant.endswith("+compile") else hf
 
         def step(x, y):

@@ -251,8 +251,9 @@ def make_optimizer(model: Gemma3, cfg: TrainConfig, device: torch.device) -> tor
     for p in model.parameters():
         (decay if p.dim() >= 2 and p is not embed else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # the fused kernel (CPU and CUDA) updates all tensors in one pass: ~6x faster than foreach on CPU
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
