@@ -1,0 +1,48 @@
+"""PNG plots of a run's metrics (what the tutorial's results folder showed), refreshed at each evaluation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_plots(records: list[dict], out: str | os.PathLike) -> list[Path]:
+    """Write ``loss.png`` (train/val loss vs tokens), ``lr.png`` and ``grad_norm.png`` (vs step) into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; safe in servers and tests
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+
+    def series(key: str, x: str = "step") -> tuple[list, list]:
+        rows = [r for r in records if r.get(key) is not None]
+        return [r[x] for r in rows], [r[key] for r in rows]
+
+    def save(fig, name: str) -> Path:
+        path = out / name
+        tmp = out / f".{name}.tmp"
+        fig.tight_layout()
+        fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, label, style in (("train_loss", "train (step batch)", "-"), ("eval_train_loss", "train (eval)", "o--"),
+                              ("val_loss", "validation", "o-")):
+        xs, ys = series(key, "tokens")
+        if xs:
+            ax.plot(xs, ys, style, label=label, alpha=0.45 if key == "train_loss" else 1.0, markersize=3)
+    ax.set(xlabel="tokens", ylabel="cross-entropy loss (nats)", title="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(save(fig, "loss.png"))
+    for key, title in (("lr", "learning rate"), ("grad_norm", "gradient norm (before clipping)")):
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        ax.plot(*series(key))
+        ax.set(xlabel="step", ylabel=key, title=title)
+        ax.grid(alpha=0.3)
+        written.append(save(fig, f"{key}.png"))
+    return written
