@@ -37,3 +37,26 @@ def tokenizer():
     from tinygemma.tokenizer import Tokenizer
 
     return Tokenizer()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, sample_dir):
+    """The first 300 stories of each split of the real sample, prepared."""
+    from tinygemma.data import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("data")
+    prepare(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=300))
+    return out
+
+
+@pytest.fixture(scope="session")
+def short_run(data_dir, tmp_path_factory):
+    """A 20-step tiny-preset run with evaluations at 10 and 20 and samples reports."""
+    from tinygemma.cli import main
+
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--data", str(data_dir), "--out", str(out), "--model", "tiny", "--block-size", "32",
+                 "--micro-batch", "8", "--grad-accum", "1", "--lr", "1e-2", "--eval-batches", "2",
+                 "--log-interval", "1", "--no-progress", "--max-steps", "20", "--eval-interval", "10",
+                 "--save-interval", "5", "--keep-last", "2", "--samples"]) == 0
+    return out

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tinygemma.cli import main
 from tinygemma.config import UserError
-from tinygemma.export import HF_FILES, SAMPLING_DEFAULTS, ExportConfig, export, write_hf_files
+from tinygemma.export import HF_FILES, ExportConfig, export, sampling_defaults, write_hf_files
 from tinygemma.model import PRESETS, Gemma3, ModelConfig
 
 assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: nothing here may touch the Hub
@@ -95,13 +95,9 @@ def test_generation_config(ckpt):
     gen = transformers.GenerationConfig.from_pretrained(ckpt)
     assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (50256, 50256, 50256)
     assert gen.do_sample is True
-    assert {k: getattr(gen, k) for k in SAMPLING_DEFAULTS} == SAMPLING_DEFAULTS
-
-
-def test_sampling_defaults_follow_the_generation_module():
-    generate = pytest.importorskip("tinygemma.generate")  # the stories helper's module, once merged
-    cfg = generate.SamplingConfig()
-    assert {k: getattr(cfg, k) for k in SAMPLING_DEFAULTS} == SAMPLING_DEFAULTS and cfg.greedy is False
+    # transformers samples like `tinygemma generate` does by default
+    assert {k: getattr(gen, k) for k in sampling_defaults()} == {
+        "max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
 
 
 def test_pipeline_generates_text(ckpt):

@@ -1,11 +1,13 @@
 """The studio page in a real browser: Debian's headless Chromium driven by selenium, nothing downloaded.
 
 The test starts its own server on a free loopback port, clicks an example prompt, watches the story
-grow token by token, stops it, and saves a screenshot for the README (docs/studio.png).
+grow token by token, stops it, and saves a screenshot: into the test's temporary folder, or with
+TINYGEMMA_UPDATE_SCREENSHOT=1 into docs/studio.png for the README (so `make test` leaves git clean).
 """
 
 import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -58,7 +60,7 @@ def run_dir(tmp_path):
     return run
 
 
-def test_story_streams_in_the_browser(browser, run_dir, tokenizer):
+def test_story_streams_in_the_browser(browser, run_dir, tokenizer, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -110,16 +112,17 @@ def test_story_streams_in_the_browser(browser, run_dir, tokenizer):
         assert drawn > 100, "the train-loss curve (blue) is drawn"
         assert browser.find_element(By.ID, "report").is_displayed()
 
-    _save_screenshot(png)
+    update = os.environ.get("TINYGEMMA_UPDATE_SCREENSHOT")
+    _save_screenshot(png, SCREENSHOT if update else tmp_path / "studio.png")
 
 
-def _save_screenshot(png: bytes) -> None:
+def _save_screenshot(png: bytes, path: Path) -> None:
     """Save a small PNG (a 64-colour palette is plenty for a page of text)."""
     from PIL import Image
 
     image = Image.open(io.BytesIO(png)).convert("RGB")
     assert image.width > 500 and len(image.getcolors(1 << 24)) > 10, "a page, not a blank screenshot"
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    tmp = SCREENSHOT.with_suffix(".tmp.png")
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
     image.quantize(colors=64, method=Image.Quantize.MEDIANCUT).save(tmp, optimize=True)
-    tmp.replace(SCREENSHOT)
+    tmp.replace(path)

@@ -34,15 +34,6 @@ BASE = ["--model", "tiny", "--block-size", "32", "--micro-batch", "4", "--grad-a
         "--eval-batches", "2", "--log-interval", "1", "--no-progress"]
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory, sample_dir):
-    from tinygemma.data import PrepareConfig, prepare
-
-    out = tmp_path_factory.mktemp("data")
-    prepare(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=300))
-    return out
-
-
 def run_cli(*args: str) -> int:
     return main(["train", *args])
 
@@ -117,15 +108,6 @@ def test_sampler_windows_are_deterministic_and_shared_by_layouts():
 
 
 # -- training --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def short_run(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    assert run_cli("--data", str(data_dir), "--out", str(out), *BASE, "--max-steps", "20", "--eval-interval",
-                   "10", "--save-interval", "5", "--keep-last", "2", "--set", "micro_batch=8", "--set", "grad_accum=1",
-                   "--lr", "1e-2") == 0
-    return out
-
-
 def test_loss_falls_and_metrics_plots_checkpoints_appear(short_run):
     rows = metrics(short_run)
     assert [r["step"] for r in rows] == list(range(1, 21))

@@ -31,9 +31,6 @@ from tinygemma.tokenizer import EOT_ID, EOT_TOKEN
 if TYPE_CHECKING:
     from tinygemma.model import ModelConfig
 
-# The generation module's SamplingConfig defaults (max_new_tokens, temperature, top_k, top_p);
-# a test keeps the two in step.
-SAMPLING_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
 MODEL_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 HF_FILES = (*MODEL_FILES, *TOKENIZER_FILES, "generation_config.json", "README.md")
@@ -107,9 +104,18 @@ def write_tokenizer_files(folder: Path, context_length: int) -> None:
         _write_text(folder / name, text + "\n")
 
 
+def sampling_defaults() -> dict[str, Any]:
+    """`tinygemma generate`'s defaults, so transformers samples the same way by default."""
+    from tinygemma.generate import SamplingConfig
+
+    cfg = SamplingConfig()
+    return {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_k": cfg.top_k,
+            "top_p": cfg.top_p}
+
+
 def generation_config(eot_id: int = EOT_ID) -> dict[str, Any]:
     return {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id, "do_sample": True,
-            **SAMPLING_DEFAULTS}
+            **sampling_defaults()}
 
 
 def _read_model_config(folder: Path) -> ModelConfig:

@@ -41,6 +41,7 @@ from tinygemma.config import (
     to_dict,
 )
 from tinygemma.data import TokenDataset
+from tinygemma.export import write_hf_files
 from tinygemma.model import Gemma3, load_model_config
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
@@ -98,6 +99,8 @@ class TrainConfig:
                                                                       "(default: eval_interval)"})
     keep_last: int = 3
     peak_tflops: float | None = field(default=None, metadata={"help": "device peak for MFU (default: table)"})
+    samples: bool = field(default=False, metadata={"help": "write a samples report (samples.md + .html) "
+                                                            "at each evaluation"})
     progress: bool = True
     wandb: bool = False
     wandb_project: str = "tinygemma"
@@ -317,6 +320,17 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def write_samples(model: Gemma3, out: Path, step: int, seed: int) -> list[str]:
+    """The samples report of the tutorial's prompts (``OUT/samples.md`` + ``.html``); returns the stories."""
+    from tinygemma.evaluate import write_samples_report
+    from tinygemma.generate import SamplingConfig
+    from tinygemma.tokenizer import Tokenizer
+
+    report = write_samples_report(model, Tokenizer(), out / "samples.md", cfg=SamplingConfig(max_new_tokens=150,
+                                  seed=seed), title=f"{out.name}: samples at step {step}")
+    return [f"{r['prompt']}{r['text']}" for r in report["samples"]]
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Swap a finished temp folder into place; a previous ``final`` is moved aside first, then deleted."""
     old = final.with_name(f".old-{final.name}")
@@ -328,10 +342,11 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def write_checkpoint(folder: Path, model: Gemma3, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                     run_config: dict[str, Any]) -> Path:
+                     run_config: dict[str, Any], card: dict[str, Any] | None = None) -> Path:
     """Write one complete checkpoint folder atomically: everything goes to ``.tmp-NAME`` and is then renamed.
 
-    Contents: config.json + model.safetensors (Hugging Face layout), optimizer.pt, rng_state.pt,
+    Contents: a complete Hugging Face model (config.json, model.safetensors, tokenizer files,
+    generation_config.json, README.md model card from ``card``) plus optimizer.pt, rng_state.pt,
     trainer_state.json and run_config.json. ``model`` is the plain module (never compiled/DDP-wrapped).
     """
     tmp = folder.with_name(f".tmp-{folder.name}")
@@ -341,6 +356,7 @@ def write_checkpoint(folder: Path, model: Gemma3, optimizer: torch.optim.Optimiz
     torch.save(rng_states(), tmp / "rng_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
     (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    write_hf_files(tmp, card)
     _replace_dir(tmp, folder)
     return folder
 
@@ -569,11 +585,20 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
 
+    hardware = (f"{world} x {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+                else f"{world} x CPU ({os.cpu_count()} cores)")
+    last_eval: dict[str, Any] = {"val_loss": None, "samples": []}
+
     def save(name: str) -> Path:
+        card = {"name": out.name, "step": state["step"], "tokens_seen": state["tokens"], "recipe": recipe,
+                "hardware": hardware, "training_time_s": state["train_time_s"], "train_config": to_dict(cfg),
+                "val_loss": state["best_val_loss"] if name == "best" else last_eval["val_loss"],
+                "val_tokens": cfg.eval_batches * cfg.micro_batch * cfg.block_size * world,
+                "samples": last_eval["samples"]}
         trainer_state = {**state, "schedule": {"lr": lr_at(cfg, state["step"], total_steps()),
                                                "total_steps": total_steps(), "tokens_per_step": tokens_per_step},
                          "sampler": {**sampler.state(), "next_step": state["step"]}}
-        path = write_checkpoint(out / name, model, optimizer, trainer_state, run_config)
+        path = write_checkpoint(out / name, model, optimizer, trainer_state, run_config, card)
         if name.startswith("checkpoint-"):
             for _, old in checkpoints(out)[:-cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -658,8 +683,10 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
                           "peak_mem_mb": peak_memory_mb(device)}
                 window_tokens, window_s = 0, 0.0
             if is_eval:
-                record["val_loss"] = evaluate(val_batches)
+                record["val_loss"] = last_eval["val_loss"] = evaluate(val_batches)
                 record["eval_train_loss"] = evaluate(train_eval_batches)
+                if cfg.samples and master:
+                    last_eval["samples"] = write_samples(model, out, step, cfg.seed)
             state["elapsed_s"] = time.perf_counter() - start_wall
             if record is not None:
                 record["elapsed_s"] = state["elapsed_s"]
