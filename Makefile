@@ -37,10 +37,7 @@ test: setup browser lint
 	$(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/tinygemma info --model tiny
-	$(PY) -c "import torch; from tinygemma import Gemma3, load_model_config; \
-	m = Gemma3(load_model_config('tiny')); x = torch.randint(0, 50257, (1, 32)); \
-	print('logits', tuple(m(x).shape), 'params', m.num_params())"
+	bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
