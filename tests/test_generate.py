@@ -248,6 +248,9 @@ def test_cli_not_a_checkpoint(tmp_path, capsys):
     assert "not a checkpoint" in capsys.readouterr().err
     (tmp_path / "config.json").write_text("{}")
     assert main(["generate", str(tmp_path)]) == 2
+    assert "needs config.json and model.safetensors" in capsys.readouterr().err
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert main(["generate", str(tmp_path)]) == 2
     assert "not a Gemma 3 text model" in capsys.readouterr().err
 
 

@@ -11,7 +11,7 @@ import torch
 
 from tinygemma.cli import main
 from tinygemma.config import UserError
-from tinygemma.generate import SamplingConfig, encode_prompts, generate_ids
+from tinygemma.generate import SamplingConfig, encode_prompts, generate_ids, resolve_checkpoint
 from tinygemma.model import Gemma3, load_model_config
 from tinygemma.serve import (
     STATIC,
@@ -21,7 +21,6 @@ from tinygemma.serve import (
     is_loopback,
     latest_report,
     read_metrics,
-    resolve_model_dir,
     serve_in_thread,
 )
 
@@ -357,14 +356,14 @@ def test_checkpoint_without_run_has_no_training_page(run_dir, tokenizer):
         assert httpx.get(f"{url}/api/metrics").status_code == 404
 
 
-def test_resolve_model_dir(tmp_path, model):
+def test_resolve_checkpoint(tmp_path, model):
     model.save_pretrained(tmp_path / "run" / "checkpoint-20")
     model.save_pretrained(tmp_path / "run" / "checkpoint-100")
-    assert resolve_model_dir(tmp_path / "run") == tmp_path / "run" / "checkpoint-100"
+    assert resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoint-100"
     model.save_pretrained(tmp_path / "run" / "best")
-    assert resolve_model_dir(tmp_path / "run") == tmp_path / "run" / "best"
+    assert resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / "best"
     with pytest.raises(UserError, match="not a checkpoint"):
-        resolve_model_dir(tmp_path)
+        resolve_checkpoint(tmp_path)
 
 
 def test_cli_errors_and_loopback(tmp_path, capsys):

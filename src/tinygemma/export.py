@@ -287,23 +287,10 @@ class ExportConfig:
     force: bool = field(default=False, metadata={"help": "replace OUT if it exists and is not empty"})
 
 
-def _is_checkpoint(path: Path) -> bool:
-    return all((path / name).is_file() for name in MODEL_FILES)
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, or a run folder whose ``best/`` is one."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: no such checkpoint folder")
-    for candidate in (path, path / "best"):
-        if _is_checkpoint(candidate):
-            return candidate
-    raise UserError(f"{path}: not a checkpoint (needs config.json and model.safetensors) nor a run folder with best/")
-
-
 def export(cfg: ExportConfig) -> Path:
     """Copy checkpoint ``cfg.source`` to ``cfg.out`` with only the Hugging Face files; atomic."""
+    from tinygemma.generate import resolve_checkpoint
+
     src = resolve_checkpoint(cfg.source)
     out = Path(cfg.out)
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
@@ -350,7 +337,7 @@ def _export_cmd(args: argparse.Namespace) -> int:
                                    **dataclass_overrides(args, ExportConfig)}, "export")
     out = export(cfg)
     sizes = sorted((p.name, p.stat().st_size) for p in out.iterdir())
-    print(f"exported {resolve_checkpoint(cfg.source)} -> {out}")
+    print(f"exported {cfg.source} -> {out}")
     for name, size in sizes:
         print(f"  {name:<26}{size:>14,} bytes")
     return 0

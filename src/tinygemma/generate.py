@@ -53,16 +53,23 @@ class SamplingConfig:
             raise UserError(f"num_samples must be positive, got {self.num_samples}")
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Gemma3:
-    """A checkpoint folder (config.json + model.safetensors), or a run folder (then its ``best/``)."""
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The model folder of a checkpoint or run folder: itself, the run's ``best/``, else its newest
+    ``checkpoint-STEP/`` (a run still before its first evaluation)."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"{path}: no such checkpoint folder")
-    if not (path / "config.json").is_file() and (path / "best" / "config.json").is_file():
-        path = path / "best"
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: not a checkpoint (no config.json) nor a run folder (no best/)")
-    return Gemma3.from_pretrained(path, device=device, dtype=dtype).eval()
+        raise UserError(f"{path}: no such checkpoint or run folder")
+    steps = sorted((int(p.name[11:]), p) for p in path.glob("checkpoint-*") if p.name[11:].isdigit())
+    for candidate in (path, path / "best", *(p for _, p in reversed(steps))):
+        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+            return candidate
+    raise UserError(f"{path}: not a checkpoint (needs config.json and model.safetensors) "
+                    "nor a run folder (no best/ or checkpoint-*/)")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Gemma3:
+    """A checkpoint folder, or a run folder (see :func:`resolve_checkpoint`), in eval mode."""
+    return Gemma3.from_pretrained(resolve_checkpoint(path), device=device, dtype=dtype).eval()
 
 
 def unwrap(model: torch.nn.Module) -> Gemma3:

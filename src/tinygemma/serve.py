@@ -81,23 +81,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """The model folder of a checkpoint or run folder: the run's ``best/``, else its newest ``checkpoint-STEP``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: no such checkpoint or run folder")
-    if (path / "config.json").is_file() or (path / "best" / "config.json").is_file():
-        return path if (path / "config.json").is_file() else path / "best"
-    steps = []
-    for p in path.glob("checkpoint-*"):
-        suffix = p.name.removeprefix("checkpoint-")
-        if suffix.isdigit() and (p / "config.json").is_file():
-            steps.append((int(suffix), p))
-    if not steps:
-        raise UserError(f"{path}: not a checkpoint (no config.json) nor a run folder (no best/ or checkpoint-*/)")
-    return max(steps)[1]
-
-
 def model_name(path: str | Path) -> str:
     """``run`` for a run folder, ``run/best`` or ``run/checkpoint-100`` for a checkpoint inside one."""
     path = Path(path).resolve()
@@ -435,7 +418,7 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
         model_id = model_id or "tinygemma"
     else:
         path = Path(source)
-        model = load_checkpoint(resolve_model_dir(path), device=device)
+        model = load_checkpoint(path, device=device)
         model_id = model_id or model_name(path)
         if run_dir is None and not (path / "config.json").is_file():
             run_dir = path
