@@ -23,13 +23,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict, load_json
-from tinygemma.tokenizer import EOT_ID, EOT_TOKEN
-
-if TYPE_CHECKING:
-    from tinygemma.model import ModelConfig
+from tinygemma.generate import SamplingConfig, resolve_checkpoint
+from tinygemma.model import FULL, Gemma3, ModelConfig
+from tinygemma.tokenizer import EOT_ID, EOT_TOKEN, get_encoding, r50k_pat_str
 
 MODEL_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -64,11 +65,8 @@ def _write_text(path: Path, text: str) -> None:
 @functools.lru_cache(maxsize=1)
 def _tokenizer_texts() -> dict[str, str]:
     """The tokenizer files' text, built once per process (about a second) from the project's ranks."""
-    from tiktoken_ext.openai_public import r50k_pat_str
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # transformers is slow to import: only when needed
     from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    from tinygemma.tokenizer import get_encoding
 
     enc = get_encoding()
     # decode_single_token_bytes is tiktoken's public view of the ranks; the id of each token is its rank.
@@ -106,7 +104,6 @@ def write_tokenizer_files(folder: Path, context_length: int) -> None:
 
 def sampling_defaults() -> dict[str, Any]:
     """`tinygemma generate`'s defaults, so transformers samples the same way by default."""
-    from tinygemma.generate import SamplingConfig
 
     cfg = SamplingConfig()
     return {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_k": cfg.top_k,
@@ -119,7 +116,6 @@ def generation_config(eot_id: int = EOT_ID) -> dict[str, Any]:
 
 
 def _read_model_config(folder: Path) -> ModelConfig:
-    from tinygemma.model import ModelConfig
 
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder}: not a model folder (no config.json)")
@@ -172,7 +168,6 @@ def _duration(seconds: float) -> str:
 
 
 def model_card(cfg: ModelConfig, info: CardInfo, name: str) -> str:
-    from tinygemma.model import FULL
 
     sizes = cfg.param_breakdown()
     n_full = cfg.layer_types.count(FULL)
@@ -289,7 +284,6 @@ class ExportConfig:
 
 def export(cfg: ExportConfig) -> Path:
     """Copy checkpoint ``cfg.source`` to ``cfg.out`` with only the Hugging Face files; atomic."""
-    from tinygemma.generate import resolve_checkpoint
 
     src = resolve_checkpoint(cfg.source)
     out = Path(cfg.out)
@@ -302,9 +296,7 @@ def export(cfg: ExportConfig) -> Path:
     s, o = src.resolve(), out.resolve()
     if s == o or o in s.parents or s in o.parents:  # --force would delete the source
         raise UserError(f"{out}: overlaps the checkpoint {src}; choose another folder")
-    import torch
 
-    from tinygemma.model import Gemma3
 
     model = Gemma3.from_pretrained(src)  # checks every tensor against config.json
     stored = load_json(src / "config.json").get("dtype", "float32")

@@ -41,8 +41,11 @@ from tinygemma.config import (
     to_dict,
 )
 from tinygemma.data import TokenDataset
+from tinygemma.evaluate import write_samples_report
 from tinygemma.export import write_hf_files
+from tinygemma.generate import SamplingConfig
 from tinygemma.model import Gemma3, load_model_config
+from tinygemma.tokenizer import Tokenizer
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 BUDGET_KEYS = ("max_steps", "max_tokens", "time_budget")
@@ -322,10 +325,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def write_samples(model: Gemma3, out: Path, step: int, seed: int) -> list[str]:
     """The samples report of the tutorial's prompts (``OUT/samples.md`` + ``.html``); returns the stories."""
-    from tinygemma.evaluate import write_samples_report
-    from tinygemma.generate import SamplingConfig
-    from tinygemma.tokenizer import Tokenizer
-
     report = write_samples_report(model, Tokenizer(), out / "samples.md", cfg=SamplingConfig(max_new_tokens=150,
                                   seed=seed), title=f"{out.name}: samples at step {step}")
     return [f"{r['prompt']}{r['text']}" for r in report["samples"]]
