@@ -127,6 +127,40 @@ def test_loss_is_mean_cross_entropy():
     assert torch.allclose(loss, ref)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_loss_matches_autograd(tied):
+    """return_logits=False (the fused LinearCrossEntropy): same loss and gradients as logits + F.cross_entropy,
+    with ignored (-100) targets, in fp32 and under bf16 autocast."""
+    model = randomised(tiny(tie_embeddings=tied)).train()
+    ids = torch.randint(0, 50257, (3, 24))
+    targets = torch.randint(0, 50257, (3, 24))
+    targets[0, :5] = -100
+    targets[2, -1] = -100
+
+    def loss_and_grads(fused: bool, amp: bool):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits, loss = model(ids, targets, return_logits=not fused)
+            if not fused:  # the reference: plain autograd through the full logits
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        (3.0 * loss).backward()  # a non-unit upstream gradient (e.g. gradient accumulation's 1/k)
+        assert (logits is None) == fused
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    for amp, tol in ((False, 1e-5), (True, 2e-2)):
+        loss, grads = loss_and_grads(True, amp)
+        ref_loss, ref_grads = loss_and_grads(False, amp)
+        torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            scale = ref_grads[name].abs().max().item()
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=tol, atol=tol * scale, msg=name)
+    with torch.no_grad():  # evaluation: the forward alone, gradients not needed
+        assert torch.allclose(model(ids, targets, return_logits=False)[1], model(ids, targets)[1], atol=1e-6)
+    all_ignored = torch.full_like(targets, -100)  # 0/0, like F.cross_entropy
+    assert model(ids, all_ignored, return_logits=False)[1].isnan() and model(ids, all_ignored)[1].isnan()
+
+
 # -- bad input -------------------------------------------------------------------------------
 def test_unknown_preset():
     with pytest.raises(UserError, match="unknown model 'gemma9'"):
