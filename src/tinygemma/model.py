@@ -178,17 +178,21 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
-    """cos/sin of shape (B|1, 1, T, head_dim) for absolute ``positions`` (B|1, T), in float32 then cast."""
+    """cos/sin of shape (B|1, 1, T, head_dim) for absolute ``positions`` (B|1, T), in float32 then cast.
+
+    The first half of sin comes negated, so that :func:`apply_rope` needs no negation (exactly equal)."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
     inv_freq = 1.0 / (base ** exponent)
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sign = torch.ones(head_dim, device=positions.device)
+    sign[: head_dim // 2] = -1
+    return emb.cos().to(dtype), (emb.sin() * sign).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # rotate-half
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # rotate-half: x * cos + cat(-x2, x1) * sin, with the sign folded into sin
+    return x * cos + torch.cat((x2, x1), dim=-1) * signed_sin
 
 
 class LinearCrossEntropy(torch.autograd.Function):
