@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from tinygemma.config import UserError, from_dict
+from tinygemma.fused import RMSNormFunction
 from tinygemma.model import FULL, PRESETS, SLIDING, Gemma3, ModelConfig, load_model_config, window_mask
 
 
@@ -125,6 +126,32 @@ def test_loss_is_mean_cross_entropy():
     logits, loss = model(ids, targets)
     ref = torch.nn.functional.cross_entropy(logits.view(-1, 50257), targets.view(-1))
     assert torch.allclose(loss, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_function_matches_autograd(dtype):
+    """The hand-written RMSNorm backward gives autograd's gradients; its forward is the plain expression,
+    bit for bit (hidden-size rows, and the strided (B, heads, T, head_dim) q/k layout)."""
+    torch.manual_seed(0)
+    for shape, transpose in (((3, 10, 64), False), ((2, 10, 4, 16), True)):
+        x0 = torch.randn(*shape).to(dtype)
+        x0 = x0.transpose(1, 2) if transpose else x0
+        w0 = (torch.randn(shape[-1]) * 0.5).to(dtype)
+        grad = torch.randn(x0.shape).to(dtype)
+        results = []
+        for fn in (lambda x, w: RMSNormFunction.apply(x, w, 1e-6),
+                   lambda x, w: (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+                                 * (1.0 + w.float())).type_as(x)):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            y = fn(x, w)
+            y.backward(grad)
+            results.append((y, x.grad, w.grad))
+        (y, gx, gw), (ref_y, ref_gx, ref_gw) = results
+        assert y.dtype == dtype and gx.dtype == dtype and gw.dtype == dtype
+        assert torch.equal(y, ref_y)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(gx, ref_gx, rtol=tol, atol=tol)
+        torch.testing.assert_close(gw, ref_gw, rtol=tol, atol=tol * ref_gw.abs().max().item())
 
 
 @pytest.mark.parametrize("tied", [True, False])

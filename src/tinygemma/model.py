@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tinygemma.config import UserError, from_dict, load_json
+from tinygemma.fused import LinearCrossEntropy, RMSNormFunction
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -172,9 +173,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # statistics in float32 even under bf16
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())
-        return out.type_as(x)
+        return RMSNormFunction.apply(x, self.weight, self.eps)  # statistics in float32 even under bf16
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
@@ -193,41 +192,6 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: tor
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)  # rotate-half: x * cos + cat(-x2, x1) * sin, with the sign folded into sin
     return x * cos + torch.cat((x2, x1), dim=-1) * signed_sin
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``x @ weight.T`` against ``targets`` (-100 ignored), without keeping full logits.
-
-    Same math as ``F.cross_entropy(F.linear(x, weight).float(), targets)``, fewer passes over the N x vocab
-    logits: the forward turns them in place into exp(z - max) (the loss needs that sum anyway) and the
-    backward into the scaled softmax - onehot, so there is no log_softmax copy, no dense one-hot zero fill
-    and no separate log_softmax backward. Matmuls run in the autocast dtype, as F.linear's would.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = x @ weight.t()  # autocast (if on) picks the matmul dtype here
-        ctx.dtype = logits.dtype
-        z = logits.float()  # a no-op in fp32; the softmax statistics are float32 either way
-        valid = targets != -100
-        scale = valid.float() / valid.sum()  # the mean over non-ignored tokens
-        safe = torch.where(valid, targets, 0)[:, None]
-        zmax = z.amax(-1, keepdim=True)
-        target_logit = z.gather(1, safe)
-        z = z.sub_(zmax).exp_()
-        total = z.sum(-1, keepdim=True)
-        loss = ((zmax + total.log() - target_logit).squeeze(1) * scale).sum()
-        ctx.save_for_backward(x, weight, z, total, scale, safe)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, z, total, scale, safe = ctx.saved_tensors
-        row = (grad * scale)[:, None]
-        g = z.mul_(row / total).scatter_add_(1, safe, -row).to(ctx.dtype)  # (softmax - onehot) * grad / N
-        grad_x = (g @ weight.to(ctx.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (g.t() @ x.to(ctx.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None
 
 
 class Attention(nn.Module):
