@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from tinygemma.config import UserError, from_dict
+from tinygemma.fused import RMSNormFunction
 from tinygemma.model import FULL, PRESETS, SLIDING, Gemma3, ModelConfig, load_model_config, window_mask
 
 
@@ -125,6 +126,66 @@ def test_loss_is_mean_cross_entropy():
     logits, loss = model(ids, targets)
     ref = torch.nn.functional.cross_entropy(logits.view(-1, 50257), targets.view(-1))
     assert torch.allclose(loss, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_function_matches_autograd(dtype):
+    """The hand-written RMSNorm backward gives autograd's gradients; its forward is the plain expression,
+    bit for bit (hidden-size rows, and the strided (B, heads, T, head_dim) q/k layout)."""
+    torch.manual_seed(0)
+    for shape, transpose in (((3, 10, 64), False), ((2, 10, 4, 16), True)):
+        x0 = torch.randn(*shape).to(dtype)
+        x0 = x0.transpose(1, 2) if transpose else x0
+        w0 = (torch.randn(shape[-1]) * 0.5).to(dtype)
+        grad = torch.randn(x0.shape).to(dtype)
+        results = []
+        for fn in (lambda x, w: RMSNormFunction.apply(x, w, 1e-6),
+                   lambda x, w: (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+                                 * (1.0 + w.float())).type_as(x)):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            y = fn(x, w)
+            y.backward(grad)
+            results.append((y, x.grad, w.grad))
+        (y, gx, gw), (ref_y, ref_gx, ref_gw) = results
+        assert y.dtype == dtype and gx.dtype == dtype and gw.dtype == dtype
+        assert torch.equal(y, ref_y)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(gx, ref_gx, rtol=tol, atol=tol)
+        torch.testing.assert_close(gw, ref_gw, rtol=tol, atol=tol * ref_gw.abs().max().item())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_loss_matches_autograd(tied):
+    """return_logits=False (the fused LinearCrossEntropy): same loss and gradients as logits + F.cross_entropy,
+    with ignored (-100) targets, in fp32 and under bf16 autocast."""
+    model = randomised(tiny(tie_embeddings=tied)).train()
+    ids = torch.randint(0, 50257, (3, 24))
+    targets = torch.randint(0, 50257, (3, 24))
+    targets[0, :5] = -100
+    targets[2, -1] = -100
+
+    def loss_and_grads(fused: bool, amp: bool):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits, loss = model(ids, targets, return_logits=not fused)
+            if not fused:  # the reference: plain autograd through the full logits
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        (3.0 * loss).backward()  # a non-unit upstream gradient (e.g. gradient accumulation's 1/k)
+        assert (logits is None) == fused
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    for amp, tol in ((False, 1e-5), (True, 2e-2)):
+        loss, grads = loss_and_grads(True, amp)
+        ref_loss, ref_grads = loss_and_grads(False, amp)
+        torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            scale = ref_grads[name].abs().max().item()
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=tol, atol=tol * scale, msg=name)
+    with torch.no_grad():  # evaluation: the forward alone, gradients not needed
+        assert torch.allclose(model(ids, targets, return_logits=False)[1], model(ids, targets)[1], atol=1e-6)
+    all_ignored = torch.full_like(targets, -100)  # 0/0, like F.cross_entropy
+    assert model(ids, all_ignored, return_logits=False)[1].isnan() and model(ids, all_ignored)[1].isnan()
 
 
 # -- bad input -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tinygemma.config import UserError, from_dict, load_json
+from tinygemma.fused import LinearCrossEntropy, RMSNormFunction
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -172,23 +173,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # statistics in float32 even under bf16
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())
-        return out.type_as(x)
+        return RMSNormFunction.apply(x, self.weight, self.eps)  # statistics in float32 even under bf16
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
-    """cos/sin of shape (B|1, 1, T, head_dim) for absolute ``positions`` (B|1, T), in float32 then cast."""
+    """cos/sin of shape (B|1, 1, T, head_dim) for absolute ``positions`` (B|1, T), in float32 then cast.
+
+    The first half of sin comes negated, so that :func:`apply_rope` needs no negation (exactly equal)."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
     inv_freq = 1.0 / (base ** exponent)
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sign = torch.ones(head_dim, device=positions.device)
+    sign[: head_dim // 2] = -1
+    return emb.cos().to(dtype), (emb.sin() * sign).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # rotate-half
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # rotate-half: x * cos + cat(-x2, x1) * sin, with the sign folded into sin
+    return x * cos + torch.cat((x2, x1), dim=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -282,8 +285,11 @@ class Gemma3(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, masks: dict | None = None, cache: list | None = None,
-                logits_to_keep: int = 0):
+                logits_to_keep: int = 0, return_logits: bool = True):
         """Logits (B, T, vocab), plus the mean cross-entropy when ``targets`` is given (-100 is ignored).
+
+        With targets and ``return_logits=False`` it returns ``(None, loss)`` through the fused
+        :class:`LinearCrossEntropy`: same loss and gradients, less time and memory (what training uses).
 
         ``positions`` (B|1, T) are absolute positions (default 0..T-1). Generation with a KV ``cache``
         (one object per layer with ``update(k, v) -> (k, v)``) passes explicit bool ``masks`` per layer type.
@@ -309,7 +315,10 @@ class Gemma3(nn.Module):
             x = layer(x, cos, sin, masks[layer.layer_type], None if cache is None else cache[i])
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        if targets is not None and not return_logits:
+            return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+        logits = self.lm_head(x)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

@@ -291,7 +291,7 @@ def forward_backward(step_model: torch.nn.Module, model: Gemma3, batches: list[t
     for i, (x, y) in enumerate(batches):
         with nullcontext() if (not ddp or i == len(batches) - 1) else step_model.no_sync():
             with autocast():
-                _, loss = step_model(x, y)
+                _, loss = step_model(x, y, return_logits=False)
             (loss / len(batches)).backward()
         loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -553,7 +553,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
         for batch in batches:
             x, y = to_device(batch)
             with autocast():
-                _, loss = eval_model(x, y)
+                _, loss = eval_model(x, y, return_logits=False)
             total += torch.stack([loss.double(), torch.ones((), device=device, dtype=torch.float64)])
         if world > 1:
             dist.all_reduce(total)
