@@ -213,7 +213,8 @@ def model_card(cfg: ModelConfig, info: CardInfo, name: str) -> str:
               "understands. Licence: Community Data License Agreement – Sharing 1.0 (CDLA-Sharing-1.0). "
               "Each story is followed by `<|endoftext|>` during training."]
     if info.tokens_seen is not None:
-        lines.append(f"\nTokens seen in training: **{info.tokens_seen:,}** ({_count(info.tokens_seen)}).")
+        short = f" ({_count(info.tokens_seen)})" if info.tokens_seen >= 1e6 else ""
+        lines.append(f"\nTokens seen in training: **{info.tokens_seen:,}**{short}.")
     lines += ["", "## Training", ""]
     facts = []
     if info.recipe:
