@@ -2,7 +2,7 @@
 
 ``prepare`` streams stories from the hub (through ``datasets`` / ``huggingface_hub``) or from local
 files in any of the dataset's published forms, normalises them (strip, drop empty, repair mojibake),
-tokenises them in worker processes with tiktoken's ``encode_ordinary_batch`` and writes the ids in
+tokenises them in worker processes with tiktoken's ``encode_ordinary`` and writes the ids in
 order, each story followed by ``<|endoftext|>`` (50256) so the model learns where stories end.
 Memory stays flat: at most ``2 x workers`` batches of about 1 MB of text are in flight.
 
