@@ -20,7 +20,8 @@ from tinygemma.model import Gemma3, load_model_config
 
 
 @pytest.fixture(scope="module")
-def data_dir(sample_dir, tmp_path_factory):
+def tiny_data(sample_dir, tmp_path_factory):
+    """8 stories per split: enough windows to test eval, quick to score."""
     out = tmp_path_factory.mktemp("data")
     prepare(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=8))
     return out
@@ -50,8 +51,8 @@ def direct_mean_loss(model, tokens, block):
     return total / len(tokens)
 
 
-def test_eval_equals_direct_computation(model, data_dir):
-    tokens = TokenDataset(data_dir, "val").tokens
+def test_eval_equals_direct_computation(model, tiny_data):
+    tokens = TokenDataset(tiny_data, "val").tokens
     assert len(tokens) % 100  # a short last window is exercised
     expected = direct_mean_loss(model, tokens, 100)
     for batch in (1, 3, 7):
@@ -63,34 +64,34 @@ def test_eval_equals_direct_computation(model, data_dir):
     assert evaluate_tokens(model, tokens, 100, 3)["loss"] == evaluate_tokens(model, tokens, 100, 3)["loss"]
 
 
-def test_eval_cli_json(ckpt, model, data_dir, capsys):
-    assert main(["eval", str(ckpt), "--data", str(data_dir), "--block-size", "128", "--json"]) == 0
+def test_eval_cli_json(ckpt, model, tiny_data, capsys):
+    assert main(["eval", str(ckpt), "--data", str(tiny_data), "--block-size", "128", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    tokens = TokenDataset(data_dir, "val").tokens
+    tokens = TokenDataset(tiny_data, "val").tokens
     assert res["split"] == "val" and res["tokens"] == len(tokens) and res["tokens_per_s"] > 0
     assert res["loss"] == pytest.approx(direct_mean_loss(model, tokens, 128), rel=1e-6)
-    assert main(["eval", str(ckpt), "--data", str(data_dir), "--split", "train"]) == 0
+    assert main(["eval", str(ckpt), "--data", str(tiny_data), "--split", "train"]) == 0
     assert "train: loss" in capsys.readouterr().out
 
 
-def test_eval_bad_input(ckpt, data_dir, tmp_path, capsys):
+def test_eval_bad_input(ckpt, tiny_data, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     for name in ("val.bin", "train.bin"):
-        (other / name).write_bytes((data_dir / name).read_bytes())
-    meta = json.loads((data_dir / "meta.json").read_text())
+        (other / name).write_bytes((tiny_data / name).read_bytes())
+    meta = json.loads((tiny_data / "meta.json").read_text())
     meta["tokenizer"], meta["bpe_sha256"] = "llama", "0" * 64
     (other / "meta.json").write_text(json.dumps(meta))
-    cases = [(["--data", str(data_dir), "--block-size", "513"], "above the model's context length 512"),
+    cases = [(["--data", str(tiny_data), "--block-size", "513"], "above the model's context length 512"),
              (["--data", str(other)], "made with tokenizer 'llama'"),
              ([], "--data is required"),
-             (["--data", str(data_dir), "--split", "test"], "no split 'test'"),
-             (["--data", str(data_dir), "--batch-size", "0"], "batch_size must be positive")]
+             (["--data", str(tiny_data), "--split", "test"], "no split 'test'"),
+             (["--data", str(tiny_data), "--batch-size", "0"], "batch_size must be positive")]
     for flags, message in cases:
         assert main(["eval", str(ckpt), *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
-    assert main(["eval", str(tmp_path), "--data", str(data_dir)]) == 2
+    assert main(["eval", str(tmp_path), "--data", str(tiny_data)]) == 2
     assert "not a checkpoint" in capsys.readouterr().err
 
 
