@@ -40,3 +40,9 @@ def test_transformers_greedy_generate_equals_tinygemma_generate(short_run, capsy
     text = transformers.pipeline("text-generation", model=str(best))(PROMPTS[0], max_new_tokens=10,
                                                                       do_sample=False)[0]["generated_text"]
     assert text.startswith(PROMPTS[0]) and len(text) > len(PROMPTS[0])
+
+
+def test_eval_defaults_to_the_trained_block_size(short_run, data_dir, capsys):
+    assert main(["eval", str(short_run), "--data", str(data_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["block_size"] == 32  # short_run trained with --block-size 32

@@ -37,6 +37,7 @@ from tinygemma.generate import (
     default_device,
     encode_prompts,
     load_checkpoint,
+    resolve_checkpoint,
     sampling_config_from_args,
     stream,
     unwrap,
@@ -59,7 +60,9 @@ REPORT_SEED = 1337  # samples reports are reproducible unless a seed is given
 class EvalConfig:
     data: str | None = field(default=None, metadata={"help": "prepared data folder (from `tinygemma prepare`)"})
     split: str = field(default="val", metadata={"help": "split to score"})
-    block_size: int | None = field(default=None, metadata={"help": "tokens per window (default: min(context, 512))"})
+    block_size: int | None = field(default=None, metadata={"help": "tokens per window (default: the block size "
+                                                                    "the checkpoint was trained with, else "
+                                                                    "min(context, 512))"})
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass"})
 
     def __post_init__(self):
@@ -111,7 +114,10 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = from_dict(EvalConfig, dataclass_overrides(args, EvalConfig), "eval")
     if cfg.data is None:
         raise UserError("--data is required (a folder made by `tinygemma prepare`)")
-    model = load_checkpoint(args.checkpoint, device=args.device)
+    folder = resolve_checkpoint(args.checkpoint)
+    model = load_checkpoint(folder, device=args.device)
+    if cfg.block_size is None and (folder / "run_config.json").is_file():  # score as the run was trained
+        cfg.block_size = json.loads((folder / "run_config.json").read_text())["train"]["block_size"]
     if cfg.block_size is not None and cfg.block_size > model.config.context_length:
         raise UserError(f"--block-size {cfg.block_size} is above the model's context length "
                         f"{model.config.context_length}")
