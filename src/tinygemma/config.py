@@ -12,8 +12,10 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -109,6 +111,18 @@ def load_json(path: str | Path) -> Any:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` then rename over ``path``: readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4); the value is JSON, or else a plain string."""
     key, sep, raw = text.partition("=")
@@ -121,13 +135,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(obj: T, overrides: dict[str, Any], where: str = "config") -> T:
-    """Return a copy of dataclass ``obj`` with ``{field: value}`` replaced, checked like from_dict."""
-    merged = {**to_dict(obj), **overrides}
-    return from_dict(type(obj), merged, where)
-
-
-def _flag(name: str) -> str:
+def cli_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
@@ -144,10 +152,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         default = f.default if f.default is not dataclasses.MISSING else None
         helptext = (f.metadata.get("help", "") + f" (default: {default})").strip()
         if base is bool:
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+            group.add_argument(cli_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=None, help=helptext)
         elif base in (int, float, str):
-            group.add_argument(_flag(f.name), dest=f.name, type=base, default=None, help=helptext)
+            group.add_argument(cli_flag(f.name), dest=f.name, type=base, default=None, help=helptext)
         # lists and nested dataclasses are set with --set or a config file
 
 

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict
+from tinygemma.config import UserError, add_dataclass_args, cli_flag, dataclass_overrides, from_dict
 from tinygemma.tokenizer import EOT_TOKEN, Tokenizer
 
 FORMAT_VERSION = 1
@@ -583,7 +583,6 @@ def prepare(cfg: PrepareConfig, command: str | None = None) -> dict:
         writers = {split: _SplitWriter(out / name) for split, name in SPLITS.items()}
     except OSError as e:
         raise UserError(f"{out}: cannot write ({e.strerror})") from None
-    changed = 0
     try:
         changed, nbytes = _run(inputs, writers, cfg, tok, workers)
         for split, w in writers.items():
@@ -789,7 +788,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     cfg = from_dict(PrepareConfig, given, "prepare")
     flags = []
     for key, value in given.items():
-        flag = "--" + key.replace("_", "-")
+        flag = cli_flag(key)
         flags += [flag if value is True else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
     prepare(cfg, shlex.join(["tinygemma", "prepare", *flags]))
     return 0

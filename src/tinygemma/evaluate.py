@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from ftfy.badness import badness
 from tqdm import tqdm
 
-from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict
+from tinygemma.config import UserError, add_dataclass_args, atomic_write_text, dataclass_overrides, from_dict
 from tinygemma.data import TokenDataset
 from tinygemma.generate import (
+    TUTORIAL_PROMPTS,
     SamplingConfig,
-    default_device,
+    add_device_arg,
     encode_prompts,
     load_checkpoint,
     resolve_checkpoint,
@@ -45,13 +46,6 @@ from tinygemma.generate import (
 from tinygemma.model import Gemma3
 from tinygemma.tokenizer import Tokenizer
 
-TUTORIAL_PROMPTS = [
-    "Once upon a time there was a pumpkin.",
-    "A little girl went to the woods",
-    "A boy told his sister a bedtime story about a flying cat",
-    "The kids sat in a circle while Uncle narrated a story about a brave knight",
-    "Dad was telling the kids an adventure tale about a pirate ship",
-]
 REPORT_SEED = 1337  # samples reports are reproducible unless a seed is given
 
 
@@ -153,18 +147,27 @@ def completion_loss(model: Gemma3, prompt: list[int], completion: list[int]) -> 
     return F.cross_entropy(logits.float(), ids[0, len(prompt):], reduction="sum").item()
 
 
+def _bigrams(tokens: list[int]) -> list[tuple[int, int]]:
+    return list(zip(tokens, tokens[1:], strict=False))  # consecutive pairs
+
+
+def _distinct(ngrams: list) -> float:
+    """distinct-n: unique n-grams over all n-grams (0 for a sample too short to have any)."""
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+
+
 def _measures(rows: list[dict]) -> dict:
     rep = sum(r["_rep"][0] for r in rows), sum(r["_rep"][1] for r in rows)
-    bigrams = [tuple(r["_tokens"][i:i + 2]) for r in rows for i in range(len(r["_tokens"]) - 1)]
+    bigrams = [b for r in rows for b in _bigrams(r["token_ids"])]
     n_tok = sum(r["_scored"] for r in rows)
     return {
         "samples": len(rows),
         "ended_with_eot": sum(r["ended_with_eot"] for r in rows) / len(rows),
         "repeated_4gram_rate": rep[0] / rep[1] if rep[1] else 0.0,
-        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+        "distinct_2": _distinct(bigrams),
         "mojibake": sum(r["mojibake"] for r in rows),
         "mean_token_loss": sum(r["_loss_sum"] for r in rows) / n_tok if n_tok else float("nan"),
-        "tokens": sum(len(r["_tokens"]) for r in rows),
+        "tokens": sum(r["tokens"] for r in rows),
     }
 
 
@@ -196,15 +199,14 @@ def sample_report(model: Gemma3, tokenizer: Tokenizer, prompts: list[str] | None
         scored = toks + [eot] * ended[r]  # the end of the story is a prediction too
         loss = completion_loss(model, ids[-(model.config.context_length - len(scored)):], scored) if scored else 0.0
         rep = repeated_ngram_rate(toks)
-        bigrams = [tuple(toks[i:i + 2]) for i in range(len(toks) - 1)]
         rows.append({
             "prompt": prompts[r // cfg.num_samples], "sample": r % cfg.num_samples, "text": text,
             "tokens": len(toks), "token_ids": toks, "ended_with_eot": ended[r],
             "repeated_4gram_rate": rep[0] / rep[1] if rep[1] else 0.0,
-            "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+            "distinct_2": _distinct(_bigrams(toks)),
             "mojibake": mojibake_count(text),
             "mean_token_loss": loss / len(scored) if scored else float("nan"),
-            "_rep": rep, "_tokens": toks, "_scored": len(scored), "_loss_sum": loss,
+            "_rep": rep, "_scored": len(scored), "_loss_sum": loss,
         })
     model.train(was_training)
     overall = _measures(rows)
@@ -265,12 +267,6 @@ def render_html(report: dict, title: str) -> str:
     return "\n".join(body + ["</body></html>", ""])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_samples_report(model: Gemma3, tokenizer: Tokenizer, out_path: str | os.PathLike,
                          prompts: list[str] | None = None, cfg: SamplingConfig | None = None,
                          title: str = "tinygemma samples") -> dict:
@@ -281,8 +277,8 @@ def write_samples_report(model: Gemma3, tokenizer: Tokenizer, out_path: str | os
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     report = sample_report(model, tokenizer, prompts, cfg)
-    _atomic_write_text(out_path, render_markdown(report, title))
-    _atomic_write_text(out_path.with_suffix(".html"), render_html(report, title))
+    atomic_write_text(out_path, render_markdown(report, title))
+    atomic_write_text(out_path.with_suffix(".html"), render_html(report, title))
     return report
 
 
@@ -319,7 +315,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then its best/)")
     add_dataclass_args(p, EvalConfig)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda if available)")
+    add_device_arg(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("samples", help="a Markdown/HTML report of sampled stories with automatic measures")
@@ -328,5 +324,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="samples.md", help="Markdown report path; the HTML twin goes beside it")
     add_dataclass_args(p, SamplingConfig)
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
-    p.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda if available)")
+    add_device_arg(p)
     p.set_defaults(func=_samples)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict, load_json
+from tinygemma.config import UserError, add_dataclass_args, atomic_write_text, dataclass_overrides, from_dict, load_json
 from tinygemma.generate import SamplingConfig, resolve_checkpoint
 from tinygemma.model import FULL, Gemma3, ModelConfig
 from tinygemma.tokenizer import EOT_ID, EOT_TOKEN, get_encoding, r50k_pat_str
@@ -56,12 +56,6 @@ class CardInfo:
 
 
 # -- files ---------------------------------------------------------------------------------------
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @functools.lru_cache(maxsize=1)
 def _tokenizer_texts() -> dict[str, str]:
     """The tokenizer files' text, built once per process (about a second) from the project's ranks."""
@@ -99,7 +93,7 @@ def write_tokenizer_files(folder: Path, context_length: int) -> None:
     for name, text in _tokenizer_texts().items():
         if name == "tokenizer_config.json":
             text = json.dumps({**json.loads(text), "model_max_length": context_length}, indent=2)
-        _write_text(folder / name, text + "\n")
+        atomic_write_text(folder / name, text + "\n")
 
 
 def sampling_defaults() -> dict[str, Any]:
@@ -137,9 +131,10 @@ def write_hf_files(folder: str | os.PathLike, info: dict[str, Any] | None = None
     cfg = _read_model_config(folder)
     card_info = from_dict(CardInfo, info or {}, "model card info")
     write_tokenizer_files(folder, cfg.context_length)
-    _write_text(folder / "generation_config.json", json.dumps(generation_config(cfg.eot_token_id), indent=2) + "\n")
+    atomic_write_text(folder / "generation_config.json",
+                      json.dumps(generation_config(cfg.eot_token_id), indent=2) + "\n")
     if card:
-        _write_text(folder / "README.md", model_card(cfg, card_info, card_info.name or _default_name(folder)))
+        atomic_write_text(folder / "README.md", model_card(cfg, card_info, card_info.name or _default_name(folder)))
     return folder
 
 

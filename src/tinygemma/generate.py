@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import re
 import sys
 import time
 import weakref
@@ -28,6 +29,15 @@ import torch
 from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict
 from tinygemma.model import FULL, SLIDING, Gemma3
 from tinygemma.tokenizer import Tokenizer
+
+# The tutorial's five story openings: the samples report's prompts and the studio's examples.
+TUTORIAL_PROMPTS = [
+    "Once upon a time there was a pumpkin.",
+    "A little girl went to the woods",
+    "A boy told his sister a bedtime story about a flying cat",
+    "The kids sat in a circle while Uncle narrated a story about a brave knight",
+    "Dad was telling the kids an adventure tale about a pirate ship",
+]
 
 
 @dataclass
@@ -53,14 +63,22 @@ class SamplingConfig:
             raise UserError(f"num_samples must be positive, got {self.num_samples}")
 
 
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """The ``checkpoint-STEP`` folders of a run, by step."""
+    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
+    return sorted(found)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """The model folder of a checkpoint or run folder: itself, the run's ``best/``, else its newest
     ``checkpoint-STEP/`` (a run still before its first evaluation)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such checkpoint or run folder")
-    steps = sorted((int(p.name[11:]), p) for p in path.glob("checkpoint-*") if p.name[11:].isdigit())
-    for candidate in (path, path / "best", *(p for _, p in reversed(steps))):
+    for candidate in (path, path / "best", *(p for _, p in reversed(checkpoints(path)))):
         if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
             return candidate
     raise UserError(f"{path}: not a checkpoint (needs config.json and model.safetensors) "
@@ -301,6 +319,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda if available)")
+
+
 def sampling_config_from_args(args: argparse.Namespace) -> SamplingConfig:
     return from_dict(SamplingConfig, dataclass_overrides(args, SamplingConfig), "sampling")
 
@@ -371,6 +393,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_dataclass_args(p, SamplingConfig)
     p.add_argument("--no-stream", action="store_true", help="print each story once finished")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda if available)")
+    add_device_arg(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (worth it on CUDA)")
     p.set_defaults(func=_generate)

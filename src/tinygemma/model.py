@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tinygemma.config import UserError, from_dict, load_json
+from tinygemma.config import UserError, atomic_write, from_dict, load_json
 from tinygemma.fused import LinearCrossEntropy, RMSNormFunction
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -296,10 +296,10 @@ class Gemma3(nn.Module):
         ``logits_to_keep`` > 0 computes logits for the last that many positions only (generation's prefill).
         """
         cfg = self.config
-        if not torch.compiler.is_compiling() and input_ids.numel() and (
-                int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
-            raise UserError(f"token ids must lie in [0, {cfg.vocab_size}); got "
-                            f"{int(input_ids.min())}..{int(input_ids.max())}")
+        if cache is None and not torch.compiler.is_compiling() and input_ids.numel():  # one host sync
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # (decoding checks its prompts itself)
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise UserError(f"token ids must lie in [0, {cfg.vocab_size}); got {lo}..{hi}")
         T = input_ids.shape[1]
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)[None]
@@ -333,9 +333,9 @@ class Gemma3(nn.Module):
         if self.config.tie_embeddings:
             state.pop("lm_head.weight")
         dtype = next(self.parameters()).dtype
-        _atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-        _atomic_write(directory / "config.json",
-                      lambda p: Path(p).write_text(json.dumps(self.config.to_hf(dtype), indent=2) + "\n"))
+        atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(directory / "config.json",
+                     lambda p: Path(p).write_text(json.dumps(self.config.to_hf(dtype), indent=2) + "\n"))
         return directory
 
     @classmethod
@@ -367,8 +367,3 @@ class Gemma3(nn.Module):
         model.load_state_dict(state, strict=False)  # strict=False only for the tied lm_head
         return model.to(device=device, dtype=dtype)
 
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tinygemma.config import atomic_write
 
-def write_plots(records: list[dict], out: str | os.PathLike) -> list[Path]:
+
+def write_plots(records: list[dict], out: str | os.PathLike) -> None:
     """Write ``loss.png`` (train/val loss vs tokens), ``lr.png`` and ``grad_norm.png`` (vs step) into ``out``."""
     import matplotlib
 
@@ -19,16 +21,11 @@ def write_plots(records: list[dict], out: str | os.PathLike) -> list[Path]:
         rows = [r for r in records if r.get(key) is not None]
         return [r[x] for r in rows], [r[key] for r in rows]
 
-    def save(fig, name: str) -> Path:
-        path = out / name
-        tmp = out / f".{name}.tmp"
+    def save(fig, name: str) -> None:
         fig.tight_layout()
-        fig.savefig(tmp, format="png", dpi=110)
+        atomic_write(out / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
         plt.close(fig)
-        os.replace(tmp, path)
-        return path
 
-    written = []
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for key, label, style in (("train_loss", "train (step batch)", "-"), ("eval_train_loss", "train (eval)", "o--"),
                               ("val_loss", "validation", "o-")):
@@ -38,11 +35,10 @@ def write_plots(records: list[dict], out: str | os.PathLike) -> list[Path]:
     ax.set(xlabel="tokens", ylabel="cross-entropy loss (nats)", title="loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    written.append(save(fig, "loss.png"))
+    save(fig, "loss.png")
     for key, title in (("lr", "learning rate"), ("grad_norm", "gradient norm (before clipping)")):
         fig, ax = plt.subplots(figsize=(7, 3.2))
         ax.plot(*series(key))
         ax.set(xlabel="step", ylabel=key, title=title)
         ax.grid(alpha=0.3)
-        written.append(save(fig, f"{key}.png"))
-    return written
+        save(fig, f"{key}.png")

@@ -34,21 +34,21 @@ from pathlib import Path
 from typing import Any
 
 from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict
-from tinygemma.generate import SamplingConfig, TextStream, default_device, load_checkpoint, stream
+from tinygemma.generate import (
+    TUTORIAL_PROMPTS,
+    SamplingConfig,
+    TextStream,
+    add_device_arg,
+    load_checkpoint,
+    stream,
+)
 from tinygemma.model import Gemma3
 from tinygemma.tokenizer import Tokenizer
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("tinygemma.serve")
 
-# The tutorial's five prompts (the same as tinygemma.evaluate's samples report).
-EXAMPLE_PROMPTS = [
-    "Once upon a time there was a pumpkin.",
-    "A little girl went to the woods",
-    "A boy told his sister a bedtime story about a flying cat",
-    "The kids sat in a circle while Uncle narrated a story about a brave knight",
-    "Dad was telling the kids an adventure tale about a pirate ship",
-]
+EXAMPLE_PROMPTS = TUTORIAL_PROMPTS  # one-click examples on the story page
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
 MAX_STOP_CHARS = 64
 
@@ -691,6 +691,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "OpenAI-style completions API.")
     p.add_argument("checkpoint", metavar="CKPT_OR_RUN", help="a checkpoint folder, or a run folder")
     add_dataclass_args(p, ServeConfig)
-    p.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda if available)")
+    add_device_arg(p)
     p.set_defaults(func=_serve)
 

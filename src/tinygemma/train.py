@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import signal
@@ -34,6 +33,7 @@ import torch.distributed as dist
 from tinygemma.config import (
     UserError,
     add_dataclass_args,
+    atomic_write_text,
     dataclass_overrides,
     from_dict,
     load_json,
@@ -43,8 +43,9 @@ from tinygemma.config import (
 from tinygemma.data import TokenDataset
 from tinygemma.evaluate import write_samples_report
 from tinygemma.export import write_hf_files
-from tinygemma.generate import SamplingConfig
+from tinygemma.generate import SamplingConfig, checkpoints
 from tinygemma.model import Gemma3, load_model_config
+from tinygemma.plots import write_plots
 from tinygemma.tokenizer import Tokenizer
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
@@ -52,8 +53,6 @@ BUDGET_KEYS = ("max_steps", "max_tokens", "time_budget")
 # Keys that may change when resuming (budget, bookkeeping); anything else would silently change the run.
 RESUMABLE_KEYS = {*BUDGET_KEYS, "data", "out", "eval_interval", "save_interval", "log_interval", "keep_last",
                   "compile", "progress", "wandb", "wandb_project", "nonfinite", "peak_tflops", "device"}
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
 # Dense bf16 tensor-core peak per GPU in TFLOP/s (vendor datasheets, no sparsity); matched as a
 # substring of torch.cuda.get_device_name(), first match wins. MFU = achieved FLOP/s / peak.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
@@ -360,11 +359,6 @@ def write_checkpoint(folder: Path, model: Gemma3, optimizer: torch.optim.Optimiz
     return folder
 
 
-def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
-    return sorted(found)
-
-
 def recover_folders(out: Path) -> None:
     """Tidy after a crash: drop half-written temp folders; bring back a folder caught mid-swap."""
     for tmp in out.glob(".tmp-*"):
@@ -375,6 +369,17 @@ def recover_folders(out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(old, final)
+
+
+def latest_checkpoint(out: Path, tidy: bool) -> Path | None:
+    """The newest complete checkpoint of run ``out`` (for --resume auto); ``tidy`` first finishes or
+    discards folder swaps that a crash interrupted (rank 0 only)."""
+    if not out.is_dir():
+        return None
+    if tidy:
+        recover_folders(out)
+    found = checkpoints(out)
+    return found[-1][1] if found else None
 
 
 def read_checkpoint_meta(ckpt: Path) -> tuple[dict, dict]:
@@ -460,10 +465,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
     # -- what to resume from
     ckpt = None
     if resume == "auto":
-        if master and out.is_dir():
-            recover_folders(out)
-        found = checkpoints(out) if out.is_dir() else []
-        ckpt = found[-1][1] if found else None
+        ckpt = latest_checkpoint(out, tidy=master)
         if ckpt is None and master:
             print(f"--resume auto: no checkpoint in {out}, starting a new run", file=sys.stderr)
     elif resume:
@@ -491,8 +493,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
         if ckpt is None:
             _prepare_out(out, to_dict(cfg), resume, force)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.json.tmp").write_text(json.dumps(run_config, indent=2) + "\n")
-        os.replace(out / "run_config.json.tmp", out / "run_config.json")
+        atomic_write_text(out / "run_config.json", json.dumps(run_config, indent=2) + "\n")
         print("resolved config:\n" + json.dumps(run_config, indent=2), flush=True)
 
     torch.manual_seed(cfg.seed)
@@ -567,8 +568,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
         # keep what the resumed checkpoint had logged; later lines belong to the lost future
         lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         records = [r for r in lines if r["step"] <= state["step"]] if ckpt is not None else []
-        metrics_path.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(metrics_path.with_suffix(".tmp"), metrics_path)
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
     wandb_run = None
     if master and cfg.wandb:
         try:
@@ -636,7 +636,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
             if world > 1:
                 dist.all_reduce(shared)
                 shared[0] /= world
-            train_loss, stop_votes, norm = shared[0].item(), shared[1].item(), grad_norm.item()
+            (train_loss, stop_votes), norm = shared.tolist(), grad_norm.item()  # one host sync for both
             finite = math.isfinite(train_loss) and math.isfinite(norm)
             if finite:
                 optimizer.step()
@@ -706,8 +706,6 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
                 if step % save_interval == 0 or done or stopping:
                     save(f"checkpoint-{step}")
                 if is_eval:
-                    from tinygemma.plots import write_plots
-
                     write_plots(records, out)
             if world > 1 and (is_eval or step % save_interval == 0 or done or stopping):
                 dist.barrier()  # nobody reads a checkpoint before rank 0 finished it
@@ -750,10 +748,7 @@ def _main(args: argparse.Namespace) -> int:
         out = Path(overrides.get("out", TrainConfig.out))
         ckpt = None
         if args.resume == "auto":
-            if out.is_dir() and _dist_env()[0] == 0:
-                recover_folders(out)
-            found = checkpoints(out) if out.is_dir() else []
-            ckpt = found[-1][1] if found else None
+            ckpt = latest_checkpoint(out, tidy=_dist_env()[0] == 0)
         else:
             ckpt = Path(args.resume)
         if ckpt is not None:
