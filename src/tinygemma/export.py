@@ -27,7 +27,15 @@ from typing import Any
 
 import torch
 
-from tinygemma.config import UserError, add_dataclass_args, atomic_write_text, dataclass_overrides, from_dict, load_json
+from tinygemma.config import (
+    UserError,
+    add_dataclass_args,
+    atomic_write_text,
+    dataclass_overrides,
+    from_dict,
+    load_json,
+    replace_dir,
+)
 from tinygemma.generate import SamplingConfig, resolve_checkpoint
 from tinygemma.model import FULL, Gemma3, ModelConfig
 from tinygemma.tokenizer import EOT_ID, EOT_TOKEN, get_encoding, r50k_pat_str
@@ -293,7 +301,6 @@ def export(cfg: ExportConfig) -> Path:
     if s == o or o in s.parents or s in o.parents:  # --force would delete the source
         raise UserError(f"{out}: overlaps the checkpoint {src}; choose another folder")
 
-
     model = Gemma3.from_pretrained(src)  # checks every tensor against config.json
     stored = load_json(src / "config.json").get("dtype", "float32")
     dtype = getattr(torch, DTYPES[cfg.dtype] if cfg.dtype else str(stored), None)
@@ -307,13 +314,7 @@ def export(cfg: ExportConfig) -> Path:
         if has_card:  # the card written during training knows the run (data seen, losses, samples)
             shutil.copyfile(src / "README.md", tmp / "README.md")
         write_hf_files(tmp, {"name": out.resolve().name}, card=not has_card)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

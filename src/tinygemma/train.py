@@ -38,6 +38,7 @@ from tinygemma.config import (
     from_dict,
     load_json,
     parse_override,
+    replace_dir,
     to_dict,
 )
 from tinygemma.data import TokenDataset
@@ -195,17 +196,18 @@ class Sampler:
     def _windows(self, starts: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.tokens[i: i + self.block + 1] for i in starts]).astype(np.int64))
 
-    def step_batches(self, step: int) -> list[torch.Tensor]:
-        """This rank's micro-batches for optimizer step ``step``: grad_accum tensors of (micro, block+1)."""
-        rng = np.random.default_rng([self.seed, 0, step])
-        starts = rng.integers(0, len(self.tokens) - self.block, size=(self.accum, self.world, self.micro))
-        return [self._windows(starts[a, self.rank]) for a in range(self.accum)]
-
-    def fixed_batches(self, purpose: int, count: int) -> list[torch.Tensor]:
-        """``count`` global batches that are the same at every evaluation; this rank's slice of each."""
-        rng = np.random.default_rng([self.seed, purpose])
+    def _draw(self, rng: np.random.Generator, count: int) -> list[torch.Tensor]:
+        """``count`` global batches from ``rng``; this rank's slice of each."""
         starts = rng.integers(0, len(self.tokens) - self.block, size=(count, self.world, self.micro))
         return [self._windows(starts[i, self.rank]) for i in range(count)]
+
+    def step_batches(self, step: int) -> list[torch.Tensor]:
+        """This rank's micro-batches for optimizer step ``step``: grad_accum tensors of (micro, block+1)."""
+        return self._draw(np.random.default_rng([self.seed, 0, step]), self.accum)
+
+    def fixed_batches(self, purpose: int, count: int) -> list[torch.Tensor]:
+        """``count`` global batches that are the same at every evaluation."""
+        return self._draw(np.random.default_rng([self.seed, purpose]), count)
 
     def state(self) -> dict[str, Any]:
         return {"kind": "random_windows", "seed": self.seed, "world": self.world, "micro_batch": self.micro,
@@ -329,16 +331,6 @@ def write_samples(model: Gemma3, out: Path, step: int, seed: int) -> list[str]:
     return [f"{r['prompt']}{r['text']}" for r in report["samples"]]
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished temp folder into place; a previous ``final`` is moved aside first, then deleted."""
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_checkpoint(folder: Path, model: Gemma3, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                      run_config: dict[str, Any], card: dict[str, Any] | None = None) -> Path:
     """Write one complete checkpoint folder atomically: everything goes to ``.tmp-NAME`` and is then renamed.
@@ -355,7 +347,7 @@ def write_checkpoint(folder: Path, model: Gemma3, optimizer: torch.optim.Optimiz
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
     (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     write_hf_files(tmp, card)
-    _replace_dir(tmp, folder)
+    replace_dir(tmp, folder)
     return folder
 
 
@@ -547,12 +539,15 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
             batch = batch.pin_memory().to(device, non_blocking=True)
         return batch[:, :-1], batch[:, 1:]
 
+    # the evaluation batches never change: move them to the device once
+    val_batches = [to_device(b) for b in val_batches]
+    train_eval_batches = [to_device(b) for b in train_eval_batches]
+
     @torch.no_grad()
-    def evaluate(batches: list[torch.Tensor]) -> float:
+    def evaluate(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         model.eval()
         total = torch.zeros(2, device=device, dtype=torch.float64)
-        for batch in batches:
-            x, y = to_device(batch)
+        for x, y in batches:
             with autocast():
                 _, loss = eval_model(x, y, return_logits=False)
             total += torch.stack([loss.double(), torch.ones((), device=device, dtype=torch.float64)])
