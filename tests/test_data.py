@@ -152,6 +152,16 @@ def test_jsonl_json_and_hub_parquet_give_the_txt_tokens(prepared, sample_stories
         assert _bytes(tmp_path / f"out-{src.name}") == _bytes(prepared[0]), src.name
 
 
+def test_special_token_text_inside_a_record_is_ordinary_text(tmp_path, tokenizer):
+    # JSON records may contain the text "<|endoftext|>": it is encoded as plain text, as encode_ordinary does
+    stories = ["Tom wrote <|endoftext|> on the wall.", "Sue said <|endoftext|><|endoftext|> twice."]
+    for name in ("train.jsonl", "valid.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"text": s}) + "\n" for s in stories))
+    prepare(PrepareConfig(source=str(tmp_path), out=str(tmp_path / "o"), workers=1))
+    expected = [t for s in stories for t in tokenizer.enc.encode_ordinary(s) + [EOT]]
+    assert TokenDataset(tmp_path / "o", "val").tokens.tolist() == expected
+
+
 def test_hub_dataset_code_path(prepared, sample_stories, tmp_path, monkeypatch):
     import datasets
 
@@ -370,6 +380,7 @@ def test_bad_inputs(tmp_path, capsys, small_dir):
 def test_long_file_without_separator_fails_early(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "MAX_STORY_BYTES", 1000)
     monkeypatch.setattr(data, "READ_BYTES", 100)
+    monkeypatch.setattr(data, "BATCH_BYTES", 100)
     (tmp_path / "big.txt").write_text("word " * 10_000)
     with pytest.raises(UserError, match=r"big.txt: no <\|endoftext\|> separator within 1,000 bytes from byte 0"):
         prepare(PrepareConfig(source=str(tmp_path / "big.txt"), out=str(tmp_path / "o"), workers=1))
