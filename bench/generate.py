@@ -13,7 +13,11 @@ the generation and the total is the trapezoid integral over all steps (marked "e
 runs in full. transformers runs at batch 1 only on the CPU (``--hf-batch32-cpu`` adds batch 32).
 The KV-cache decoder and transformers report the median of ``--repeat`` runs (batch 1, or any batch on
 CUDA); the tutorial's method runs once. On a shared CPU, ``--threads 1`` gives steadier numbers.
-On CUDA the KV-cache decoder also runs with ``torch.compile`` (CUDA graphs).
+At batch 1 the "matmul floor" is the rate of a pass through the model's weight matrices alone (see
+:func:`matmul_floor`): the most any batch-1 decoder can reach where reading the weights is the limit.
+The KV-cache decoder also runs with ``torch.compile`` (unless ``--no-compile``): CUDA graphs on a GPU,
+inductor's fused CPU kernels on a CPU; the compile itself (20-30 s per shape for gemma3-270m on 2 cores)
+is done in a warm-up call and not timed.
 """
 
 from __future__ import annotations
@@ -74,6 +78,19 @@ def tutorial_estimate(model: Gemma3, ids: torch.Tensor, new_tokens: int, points:
     return total + times[-1]  # the integral covers steps P..P+N-2; add the last step
 
 
+@torch.inference_mode()
+def matmul_floor(model: Gemma3, device: str, repeat: int) -> float:
+    """Seconds for one batch-1 pass through every weight matrix, with nothing else: the model's own
+    Linear layers (the tied head once) on a one-row input. A decode step reads all of them, so at
+    batch 1 no decoder can beat this where memory bandwidth is the limit."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    p = next(model.parameters())
+    xs = {m.in_features: torch.randn(1, m.in_features, device=device, dtype=p.dtype) for m in linears}
+    chain = lambda: [m(xs[m.in_features]) for m in linears]
+    chain()
+    return timed(chain, device, repeat)
+
+
 def run(model_name: str, batches: list[int], args, device: str, dtype: torch.dtype, tokenizer_ids: list[int]) -> list:
     torch.manual_seed(0)
     model = Gemma3(load_model_config(model_name)).to(device=device, dtype=dtype).eval()
@@ -96,9 +113,11 @@ def run(model_name: str, batches: list[int], args, device: str, dtype: torch.dty
         generate_ids(model, prompts, SamplingConfig(max_new_tokens=4, greedy=True))  # warm-up
         kv = timed(lambda prompts=prompts: generate_ids(model, prompts, cfg), device, rep)
         res = {"model": model_name, "batch": B, "kv_cache": B * n / kv}
-        if device.startswith("cuda") and not args.no_compile:
+        if B == 1:
+            res["floor"] = 1 / matmul_floor(model, device, max(args.repeat, 5))
+        if not args.no_compile:
             compiled = lambda prompts=prompts: generate_ids(model, prompts, cfg, compile=True)
-            compiled()  # compile + CUDA-graph capture
+            compiled()  # the compile (and CUDA-graph capture), untimed
             res["kv_cache_compiled"] = B * n / timed(compiled, device, rep)
         full = args.full_baseline or device.startswith("cuda") or B == 1
         if full:
@@ -129,6 +148,8 @@ def print_row(r: dict) -> None:
         parts.append(f"transformers {r['transformers']:8.1f} tok/s -> {r['kv_cache'] / r['transformers']:5.2f}x")
     if "kv_cache_compiled" in r:
         parts.append(f"best/tutorial {max(r['kv_cache'], r['kv_cache_compiled']) / r['tutorial']:6.1f}x")
+    if "floor" in r:
+        parts.append(f"matmul floor {r['floor']:8.1f} tok/s = {r['floor'] / r['tutorial']:5.1f}x the tutorial at most")
     print(" | ".join(parts), flush=True)
 
 

@@ -260,3 +260,10 @@ def test_logits_to_keep_is_the_same_logits(model):
         # the head sees 1 row instead of 30: same values up to matmul blocking (float32 rounding)
         torch.testing.assert_close(model(x, logits_to_keep=1), model(x)[:, -1:], rtol=1e-5, atol=1e-5)
         assert torch.equal(model(x, logits_to_keep=0), model(x))
+
+
+def test_compiled_decoding_equals_eager(model):
+    # the compiled step attends over the whole (masked) buffer, so its shapes never change
+    prompts = prompts_of([40, 3, 17])
+    cfg = SamplingConfig(max_new_tokens=24, greedy=True)
+    assert generate_ids(model, prompts, cfg, compile=True) == generate_ids(model, prompts, cfg)

@@ -205,7 +205,7 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
 
     Rows are the prompts, each repeated ``cfg.num_samples`` times (prompt-major order). A row
     finishes after ``<|endoftext|>`` (yielded once, then None) or after ``max_new_tokens`` tokens.
-    ``compile=True`` compiles the one-token decode step (useful on CUDA; static shapes).
+    ``compile=True`` compiles the one-token decode step (static shapes; CUDA graphs on a GPU).
     """
     cfg = cfg or SamplingConfig()
     model = unwrap(model)
@@ -245,8 +245,9 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
         if c.ring or compile:
             c.visible = None  # compiled: attend over the whole buffer, masked, so that shapes never change
     if compile:
-        # static shapes, CUDA graphs where available; dynamo's cache makes later calls reuse the compiled step
-        step = torch.compile(model, mode="reduce-overhead", dynamic=False)
+        # Static shapes, and CUDA graphs on a GPU; on a CPU, inductor fuses the ~30 small ops per layer
+        # (~1.2x at batch 1 after a compile of 20-30 s). Dynamo's cache serves later calls of the same shapes.
+        step = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
 
     done = torch.zeros(B, dtype=torch.bool, device=device)
     ring_slots = torch.arange(min(W, total), device=device)
@@ -271,7 +272,7 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
             full_mask = full_mask[:, :c_now + 1]
         masks = {FULL: full_mask[:, None, None], SLIDING: ring_mask[:, None, None]}
         positions = (c_now - pad)[:, None]
-        if compile:
+        if compile and device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         logits = step(tok[:, None], positions=positions, masks=masks, cache=caches)[:, -1]
 
@@ -394,5 +395,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-stream", action="store_true", help="print each story once finished")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_device_arg(p)
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (worth it on CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: CUDA graphs on a GPU; ~1.2x on a CPU after a 20-30 s compile")
     p.set_defaults(func=_generate)
