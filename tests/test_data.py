@@ -105,9 +105,11 @@ def test_no_fix_text_keeps_the_bytes(small_dir, tmp_path, tokenizer):
     assert tokenizer.decode(TokenDataset(tmp_path / "o", "val").tokens.tolist()).startswith("Benâ€™s boat.")
 
 
-def test_workers_give_identical_files(prepared, sample_dir, tmp_path):
-    prepare(PrepareConfig(source=str(sample_dir), out=str(tmp_path / "w2"), workers=2))
-    assert _bytes(tmp_path / "w2") == _bytes(prepared[0])
+def test_workers_give_identical_files(prepared, sample_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BATCH_BYTES", 50_000)  # many tasks, shared between the pool and this process
+    for workers in (2, 3):
+        prepare(PrepareConfig(source=str(sample_dir), out=str(tmp_path / f"w{workers}"), workers=workers))
+        assert _bytes(tmp_path / f"w{workers}") == _bytes(prepared[0]), workers
 
 
 def test_streaming_reader_chunk_boundaries(prepared, sample_dir, tmp_path, monkeypatch):

@@ -647,9 +647,10 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
          workers: int) -> tuple[int, int]:
     """Tokenise the tasks in ``workers`` processes and write the results in order.
 
-    This process is one of them: it encodes every ``workers``-th task itself between handing tasks to
-    the pool (``workers - 1`` processes), so with one worker per core no core is left to a process that
-    only dispatches (at most 2 tasks per worker in flight)."""
+    This process is one of them: it keeps the pool (``workers - 1`` processes) fed with two tasks per
+    worker and encodes the next task itself whenever it would otherwise wait, so that with one worker
+    per core no core is left to a process that only dispatches; the split of the work adapts to how
+    much time reading and writing leave it."""
     from tqdm import tqdm
 
     init = (tok, cfg.fix_text, cfg.val_fraction, cfg.seed)
@@ -663,8 +664,7 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
     total = None if any(i.size is None for i in inputs) else sum(i.size for i in inputs)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="prepare", dynamic_ncols=True,
                mininterval=0.5)
-    changed = nbytes = 0
-    tokens = stories = 0
+    count = dict.fromkeys(("changed", "nbytes", "tokens", "stories"), 0)
     taken = [0] * len(inputs)  # stories kept per input, for --max-stories
 
     def all_tasks() -> Iterator[tuple[int, _Task]]:
@@ -675,51 +675,55 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
                     break  # stop reading (or streaming from the hub) an input that has enough
                 yield k, task
 
+    def write(k: int, res: _Result) -> None:
+        limit = None if cfg.max_stories is None else cfg.max_stories - taken[k]
+        if limit is not None and limit <= 0:
+            return  # in flight when its input reached --max-stories
+        if res.error:
+            raise UserError(res.error)
+        n = len(res.lengths)
+        if limit is not None and n > limit:
+            n = limit
+            res.tokens = res.tokens[: int(res.lengths[:n].sum())]
+            res.lengths, res.is_val = res.lengths[:n], None if res.is_val is None else res.is_val[:n]
+        taken[k] += n
+        if res.is_val is not None:
+            mask = np.repeat(res.is_val, res.lengths)
+            writers["train"].write(res.tokens[~mask], int(n - res.is_val.sum()))
+            writers["val"].write(res.tokens[mask], int(res.is_val.sum()))
+        else:
+            writers[inputs[k].split].write(res.tokens, n)
+        count["changed"] += res.changed
+        count["nbytes"] += res.nbytes
+        count["tokens"] += len(res.tokens)
+        count["stories"] += n
+        bar.update(res.nbytes)
+        bar.set_postfix_str(f"{count['stories']:,} stories, {count['tokens']:,} tokens", refresh=False)
+
     tasks = all_tasks()
-    pending: collections.deque = collections.deque()
-    turn = 0
+    pending: collections.deque = collections.deque()  # (input, _Result or the pool's AsyncResult), in order
+    in_pool = lambda: sum(1 for _, job in pending if not isinstance(job, _Result) and not job.ready())
     try:
-        while True:
-            while len(pending) < 2 * workers:
-                if (item := next(tasks, None)) is None:
-                    break
-                k, task = item
-                turn += 1
-                mine = pool is None or turn % workers == 0
-                pending.append((k, _encode_task(task) if mine else pool.apply_async(_encode_task, (task,))))
-            if not pending:
-                break
-            k, job = pending.popleft()
-            res: _Result = job if isinstance(job, _Result) else job.get()
-            limit = None if cfg.max_stories is None else cfg.max_stories - taken[k]
-            if limit is not None and limit <= 0:
-                continue  # in flight when its input reached --max-stories
-            if res.error:
-                raise UserError(res.error)
-            n = len(res.lengths)
-            if limit is not None and n > limit:
-                n = limit
-                res.tokens = res.tokens[: int(res.lengths[:n].sum())]
-                res.lengths, res.is_val = res.lengths[:n], None if res.is_val is None else res.is_val[:n]
-            taken[k] += n
-            if res.is_val is not None:
-                mask = np.repeat(res.is_val, res.lengths)
-                writers["train"].write(res.tokens[~mask], int(n - res.is_val.sum()))
-                writers["val"].write(res.tokens[mask], int(res.is_val.sum()))
+        item = next(tasks, None)
+        while item is not None or pending:
+            while pool and item is not None and len(pending) < 4 * workers and in_pool() < 2 * (workers - 1):
+                pending.append((item[0], pool.apply_async(_encode_task, (item[1],))))
+                item = next(tasks, None)
+            if pending and (isinstance(pending[0][1], _Result) or pending[0][1].ready()):
+                k, job = pending.popleft()
+                write(k, job if isinstance(job, _Result) else job.get())
+            elif item is not None and len(pending) < 4 * workers:
+                pending.append((item[0], _encode_task(item[1])))  # rather than wait: this process's share
+                item = next(tasks, None)
             else:
-                writers[inputs[k].split].write(res.tokens, n)
-            changed += res.changed
-            nbytes += res.nbytes
-            tokens += len(res.tokens)
-            stories += n
-            bar.update(res.nbytes)
-            bar.set_postfix_str(f"{stories:,} stories, {tokens:,} tokens", refresh=False)
+                k, job = pending.popleft()
+                write(k, job.get())
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
-    return changed, nbytes
+    return count["changed"], count["nbytes"]
 
 
 # ---------------------------------------------------------------------------------------------
