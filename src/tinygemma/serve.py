@@ -71,6 +71,10 @@ class ServeConfig:
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
 
+    def max_tokens_cap(self, context_length: int) -> int:
+        """The largest max_tokens this server grants: its limit, and at least one prompt token in context."""
+        return min(self.max_tokens_limit, context_length - 1)
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -282,7 +286,7 @@ def _request_model(cfg: ServeConfig, context_length: int, vocab_size: int) -> ty
     """The request body of /v1/completions, with this server's limits built in (shown in /openapi.json too)."""
     from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-    max_tokens_cap = min(cfg.max_tokens_limit, context_length - 1)
+    max_tokens_cap = cfg.max_tokens_cap(context_length)
 
     class StreamOptions(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
@@ -486,7 +490,7 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
     @app.get("/api/info")
     async def info():
         return {"model": model_id, "params": model.num_params(), "context_length": mc.context_length,
-                "max_tokens": min(cfg.max_tokens_limit, mc.context_length - 1),
+                "max_tokens": cfg.max_tokens_cap(mc.context_length),
                 "max_prompt_chars": cfg.max_prompt_chars, "max_concurrent": cfg.max_concurrent,
                 "examples": EXAMPLE_PROMPTS, "run": run.name if run else None}
 
