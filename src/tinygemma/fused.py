@@ -13,6 +13,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gemma's RMSNorm and its 1/rms: statistics in float32, scale by ``1 + weight``, back to x's dtype."""
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * r * (1.0 + weight.float())).type_as(x), r
+
+
 class RMSNormFunction(torch.autograd.Function):
     """``(x.float() * rsqrt(mean(x.float()**2, -1) + eps) * (1 + weight.float())).type_as(x)``.
 
@@ -22,10 +29,9 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        out, r = rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, r)
-        return (xf * r * (1.0 + weight.float())).type_as(x)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tinygemma.config import UserError, atomic_write, from_dict, load_json
-from tinygemma.fused import LinearCrossEntropy, RMSNormFunction
+from tinygemma.fused import LinearCrossEntropy, RMSNormFunction, rms_norm
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -173,7 +173,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return RMSNormFunction.apply(x, self.weight, self.eps)  # statistics in float32 even under bf16
+        if torch.is_grad_enabled():  # statistics in float32 even under bf16
+            return RMSNormFunction.apply(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)[0]  # the same ops, without autograd's bookkeeping
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
