@@ -2,9 +2,9 @@
 
 ``prepare`` streams stories from the hub (through ``datasets`` / ``huggingface_hub``) or from local
 files in any of the dataset's published forms, normalises them (strip, drop empty, repair mojibake),
-tokenises them in worker processes with tiktoken's ``encode_ordinary`` and writes the ids in
-order, each story followed by ``<|endoftext|>`` (50256) so the model learns where stories end.
-Memory stays flat: at most ``2 x workers`` batches of about 1 MB of text are in flight.
+tokenises them in ``--workers`` processes (this one included) with tiktoken's ordinary encoding and
+writes the ids in order, each story followed by ``<|endoftext|>`` (50256) so the model learns where
+stories end. Memory stays flat: at most ``4 x workers`` tasks of about 1 MB of text are in flight.
 
 Everything is written to ``*.tmp`` files in the output folder and renamed at the end, ``meta.json``
 last (the old one is removed before the ``.bin`` files are replaced), so an interrupted run never
@@ -702,7 +702,10 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
 
     tasks = all_tasks()
     pending: collections.deque = collections.deque()  # (input, _Result or the pool's AsyncResult), in order
-    in_pool = lambda: sum(1 for _, job in pending if not isinstance(job, _Result) and not job.ready())
+
+    def in_pool() -> int:  # tasks the pool is still working on
+        return sum(1 for _, job in pending if not isinstance(job, _Result) and not job.ready())
+
     try:
         item = next(tasks, None)
         while item is not None or pending:
