@@ -86,6 +86,9 @@ def _tokenizer_texts() -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
         texts = {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.name in TOKENIZER_FILES}
+    # saved pretty-printed it is 6.3 MB, and every checkpoint carries it; compact it is 2.4 MB
+    texts["tokenizer.json"] = json.dumps(json.loads(texts["tokenizer.json"]), ensure_ascii=False,
+                                         separators=(",", ":"))
     config = json.loads(texts["tokenizer_config.json"])
     # The generic fast class loads tokenizer.json verbatim in transformers 4.x and 5.x; GPT2Tokenizer(Fast)
     # in 5.x rebuilds its own pipeline from vocab + merges and would drop the converter's settings.
