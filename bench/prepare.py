@@ -1,6 +1,6 @@
 """Benchmark `tinygemma prepare` against a plain tiktoken loop and the tutorial's datasets.map approach.
 
-    python bench/prepare.py [--input FOLDER] [--min-mb 50] [--workers N]
+    python bench/prepare.py [--input FOLDER] [--min-mb 50] [--workers N] [--repeat 3]
 
 Input: a folder with TinyStories-train.txt / TinyStories-valid.txt; by default the sample in
 $TINYSTORIES_DIR repeated until it is at least --min-mb MB. Each method runs in its own process. Peak
