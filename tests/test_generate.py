@@ -267,3 +267,16 @@ def test_compiled_decoding_equals_eager(model):
     prompts = prompts_of([40, 3, 17])
     cfg = SamplingConfig(max_new_tokens=24, greedy=True)
     assert generate_ids(model, prompts, cfg, compile=True) == generate_ids(model, prompts, cfg)
+
+
+def test_dtype_flag(ckpt, capsys):
+    assert gen.inference_dtype("auto", "cpu") == torch.float32
+    assert gen.inference_dtype("auto", "cuda") == torch.bfloat16
+    assert gen.inference_dtype("bf16", "cpu") == torch.bfloat16
+    assert main(["generate", str(ckpt), "--prompt", "Once", "--greedy", "--max-new-tokens", "8", "--dtype", "bf16",
+                 "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["samples"][0]["tokens"]) > 0
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(ckpt), "--dtype", "fp8"])
+    assert e.value.code == 2
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err

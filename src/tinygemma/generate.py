@@ -324,6 +324,22 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda if available)")
 
 
+INFERENCE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def inference_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA (what inference there runs in), fp32 elsewhere (CPUs gain nothing from bf16
+    matrix-vector products, see bench/generate.py); else ``bf16`` / ``fp32``."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return INFERENCE_DTYPES[name]
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["auto", *INFERENCE_DTYPES], default="auto",
+                   help="weights and activations: auto = bf16 on CUDA, fp32 elsewhere")
+
+
 def sampling_config_from_args(args: argparse.Namespace) -> SamplingConfig:
     return from_dict(SamplingConfig, dataclass_overrides(args, SamplingConfig), "sampling")
 
@@ -331,7 +347,7 @@ def sampling_config_from_args(args: argparse.Namespace) -> SamplingConfig:
 def _generate(args: argparse.Namespace) -> int:
     cfg = sampling_config_from_args(args)
     prompts = args.prompt if args.prompt else [""]
-    model = load_checkpoint(args.checkpoint, device=args.device)
+    model = load_checkpoint(args.checkpoint, device=args.device, dtype=inference_dtype(args.dtype, args.device))
     tok = Tokenizer()
     prompt_ids = encode_prompts(tok, prompts)
     keep = model.config.context_length - cfg.max_new_tokens
@@ -395,6 +411,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-stream", action="store_true", help="print each story once finished")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_device_arg(p)
+    add_dtype_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: CUDA graphs on a GPU; ~1.2x on a CPU after a 20-30 s compile")
     p.set_defaults(func=_generate)

@@ -33,12 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict
 from tinygemma.generate import (
     TUTORIAL_PROMPTS,
     SamplingConfig,
     TextStream,
     add_device_arg,
+    add_dtype_arg,
+    inference_dtype,
     load_checkpoint,
     stream,
 )
@@ -389,9 +393,10 @@ def _sse(obj: Any) -> str:
 
 
 def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *, device: str = "cpu",
-               tokenizer: Tokenizer | None = None, run_dir: str | Path | None = None,
-               model_id: str | None = None):
-    """The FastAPI app serving a checkpoint/run folder (``source`` a path) or an already loaded model.
+               dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None,
+               run_dir: str | Path | None = None, model_id: str | None = None):
+    """The FastAPI app serving a checkpoint/run folder (``source`` a path, loaded in ``dtype``, default the
+    stored one) or an already loaded model.
 
     ``run_dir`` (default: ``source`` when it is a run folder) enables the training page.
     """
@@ -422,7 +427,7 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
         model_id = model_id or "tinygemma"
     else:
         path = Path(source)
-        model = load_checkpoint(path, device=device)
+        model = load_checkpoint(path, device=device, dtype=dtype)
         model_id = model_id or model_name(path)
         if run_dir is None and not (path / "config.json").is_file():
             run_dir = path
@@ -676,7 +681,7 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str 
 
 def _serve(args: argparse.Namespace) -> int:
     cfg = from_dict(ServeConfig, dataclass_overrides(args, ServeConfig), "serve")
-    app = create_app(args.checkpoint, cfg, device=args.device)
+    app = create_app(args.checkpoint, cfg, device=args.device, dtype=inference_dtype(args.dtype, args.device))
     sock = bind(cfg.host, cfg.port)
     if not is_loopback(cfg.host):
         print(f"tinygemma serve: warning: listening on {cfg.host}, not loopback: anyone who can reach this "
@@ -696,5 +701,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CKPT_OR_RUN", help="a checkpoint folder, or a run folder")
     add_dataclass_args(p, ServeConfig)
     add_device_arg(p)
+    add_dtype_arg(p)
     p.set_defaults(func=_serve)
 
