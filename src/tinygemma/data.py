@@ -248,6 +248,14 @@ def _record_text(record: Any, name: str, where: str) -> str:
     raise UserError(f"{name}: {where} is a JSON {type(record).__name__}, expected an object with a 'text' field")
 
 
+def _text_column(columns: list[str], name: str) -> str:
+    """The story column of a table (Parquet file or hub dataset)."""
+    column = next((c for c in TEXT_FIELDS if c in columns), None)
+    if column is None:
+        raise UserError(f"{name}: no 'text' or 'story' column (columns: {', '.join(columns) or 'none'})")
+    return column
+
+
 def _text_batches(records: Iterator[str], name: str, split_val: bool,
                   sized: Callable[[str], int] = len) -> Iterator[_Task]:
     items: list[str] = []
@@ -305,10 +313,7 @@ def _parquet_records(path: Path) -> Iterator[str]:
 
     try:
         pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        column = next((c for c in TEXT_FIELDS if c in names), None)
-        if column is None:
-            raise UserError(f"{path}: no 'text' or 'story' column (columns: {', '.join(names) or 'none'})")
+        column = _text_column(pf.schema_arrow.names, str(path))
         for batch in pf.iter_batches(batch_size=1024, columns=[column]):
             yield from (text for text in batch.column(0).to_pylist() if text is not None)
     except (pa.ArrowException, OSError) as e:
@@ -377,10 +382,7 @@ def _hub_inputs(source: str, cfg: PrepareConfig, local: bool) -> list[_Input]:
             def records() -> Iterator[str]:
                 column = None
                 for batch in ds.iter(batch_size=1000):
-                    if column is None:
-                        column = next((c for c in TEXT_FIELDS if c in batch), None)
-                        if column is None:
-                            raise UserError(f"{name}: no 'text' or 'story' column (columns: {', '.join(batch)})")
+                    column = column or _text_column(list(batch), name)
                     yield from (text for text in batch[column] if text is not None)
             yield from _text_batches(records(), name, single)
 
@@ -664,7 +666,7 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
     total = None if any(i.size is None for i in inputs) else sum(i.size for i in inputs)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="prepare", dynamic_ncols=True,
                mininterval=0.5)
-    count = dict.fromkeys(("changed", "nbytes", "tokens", "stories"), 0)
+    changed = nbytes = 0
     taken = [0] * len(inputs)  # stories kept per input, for --max-stories
 
     def all_tasks() -> Iterator[tuple[int, _Task]]:
@@ -676,6 +678,7 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
                 yield k, task
 
     def write(k: int, res: _Result) -> None:
+        nonlocal changed, nbytes
         limit = None if cfg.max_stories is None else cfg.max_stories - taken[k]
         if limit is not None and limit <= 0:
             return  # in flight when its input reached --max-stories
@@ -693,18 +696,20 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
             writers["val"].write(res.tokens[mask], int(res.is_val.sum()))
         else:
             writers[inputs[k].split].write(res.tokens, n)
-        count["changed"] += res.changed
-        count["nbytes"] += res.nbytes
-        count["tokens"] += len(res.tokens)
-        count["stories"] += n
+        changed += res.changed
+        nbytes += res.nbytes
         bar.update(res.nbytes)
-        bar.set_postfix_str(f"{count['stories']:,} stories, {count['tokens']:,} tokens", refresh=False)
+        stories, tokens = (sum(getattr(w, a) for w in writers.values()) for a in ("stories", "tokens"))
+        bar.set_postfix_str(f"{stories:,} stories, {tokens:,} tokens", refresh=False)
 
     tasks = all_tasks()
     pending: collections.deque = collections.deque()  # (input, _Result or the pool's AsyncResult), in order
 
+    def ready(job: _Result | mp.pool.AsyncResult) -> bool:
+        return isinstance(job, _Result) or job.ready()
+
     def in_pool() -> int:  # tasks the pool is still working on
-        return sum(1 for _, job in pending if not isinstance(job, _Result) and not job.ready())
+        return sum(1 for _, job in pending if not ready(job))
 
     try:
         item = next(tasks, None)
@@ -712,7 +717,7 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
             while pool and item is not None and len(pending) < 4 * workers and in_pool() < 2 * (workers - 1):
                 pending.append((item[0], pool.apply_async(_encode_task, (item[1],))))
                 item = next(tasks, None)
-            if pending and (isinstance(pending[0][1], _Result) or pending[0][1].ready()):
+            if pending and ready(pending[0][1]):
                 k, job = pending.popleft()
                 write(k, job if isinstance(job, _Result) else job.get())
             elif item is not None and len(pending) < 4 * workers:
@@ -726,7 +731,7 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
         if pool is not None:
             pool.terminate()
             pool.join()
-    return count["changed"], count["nbytes"]
+    return changed, nbytes
 
 
 # ---------------------------------------------------------------------------------------------

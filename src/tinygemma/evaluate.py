@@ -35,12 +35,13 @@ from tinygemma.data import TokenDataset
 from tinygemma.generate import (
     TUTORIAL_PROMPTS,
     SamplingConfig,
+    add_checkpoint_arg,
     add_device_arg,
     encode_prompts,
+    generate_rows,
     load_checkpoint,
     resolve_checkpoint,
     sampling_config_from_args,
-    stream,
     unwrap,
 )
 from tinygemma.model import Gemma3
@@ -112,9 +113,6 @@ def _eval(args: argparse.Namespace) -> int:
     model = load_checkpoint(folder, device=args.device)
     if cfg.block_size is None and (folder / "run_config.json").is_file():  # score as the run was trained
         cfg.block_size = json.loads((folder / "run_config.json").read_text())["train"]["block_size"]
-    if cfg.block_size is not None and cfg.block_size > model.config.context_length:
-        raise UserError(f"--block-size {cfg.block_size} is above the model's context length "
-                        f"{model.config.context_length}")
     ds = TokenDataset(cfg.data, cfg.split, vocab_size=model.config.vocab_size)
     res = evaluate_tokens(model, ds.tokens, cfg.block_size, cfg.batch_size, progress=not args.json)
     res = {"checkpoint": str(args.checkpoint), "data": cfg.data, "split": cfg.split, **res}
@@ -185,14 +183,7 @@ def sample_report(model: Gemma3, tokenizer: Tokenizer, prompts: list[str] | None
     eot = model.config.eot_token_id
     prompt_ids = encode_prompts(tokenizer, prompts)
     rows_ids = [ids for ids in prompt_ids for _ in range(cfg.num_samples)]
-    out: list[list[int]] = [[] for _ in rows_ids]
-    ended = [False] * len(rows_ids)
-    for step in stream(model, prompt_ids, cfg):
-        for r, t in enumerate(step):
-            if t == eot:
-                ended[r] = True
-            elif t is not None:
-                out[r].append(t)
+    out, ended = generate_rows(model, prompt_ids, cfg)
     rows = []
     for r, (ids, toks) in enumerate(zip(rows_ids, out, strict=True)):
         text = tokenizer.decode(toks)
@@ -312,14 +303,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="mean loss and perplexity of a checkpoint over a whole data split",
                        description="Score every token of a split exactly once, in non-overlapping windows "
                                    "that start without context from the previous window.")
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then its best/)")
+    add_checkpoint_arg(p)
     add_dataclass_args(p, EvalConfig)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_device_arg(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("samples", help="a Markdown/HTML report of sampled stories with automatic measures")
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then its best/)")
+    add_checkpoint_arg(p)
     p.add_argument("--prompts", help="file with more prompts, one per line (added to the tutorial's five)")
     p.add_argument("--out", default="samples.md", help="Markdown report path; the HTML twin goes beside it")
     add_dataclass_args(p, SamplingConfig)

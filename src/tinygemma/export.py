@@ -36,14 +36,13 @@ from tinygemma.config import (
     load_json,
     replace_dir,
 )
-from tinygemma.generate import SamplingConfig, resolve_checkpoint
+from tinygemma.generate import DTYPES, SamplingConfig, add_checkpoint_arg, resolve_checkpoint
 from tinygemma.model import FULL, Gemma3, ModelConfig
 from tinygemma.tokenizer import EOT_ID, EOT_TOKEN, get_encoding, r50k_pat_str
 
 MODEL_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 HF_FILES = (*MODEL_FILES, *TOKENIZER_FILES, "generation_config.json", "README.md")
-DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # --dtype -> torch / config.json name
 
 
 @dataclass
@@ -120,13 +119,6 @@ def generation_config(eot_id: int = EOT_ID) -> dict[str, Any]:
             **sampling_defaults()}
 
 
-def _read_model_config(folder: Path) -> ModelConfig:
-
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder}: not a model folder (no config.json)")
-    return ModelConfig.from_hf(load_json(folder / "config.json"), str(folder / "config.json"))
-
-
 def _default_name(folder: Path) -> str:
     """The folder's name, or the run's for the trainer's ``best/`` and ``checkpoint-STEP/``."""
     folder = folder.resolve()
@@ -139,7 +131,7 @@ def write_hf_files(folder: str | os.PathLike, info: dict[str, Any] | None = None
     """Add tokenizer files, generation_config.json and (if ``card``) a README.md model card to a
     model folder written by ``Gemma3.save_pretrained``. ``info`` holds CardInfo's fields."""
     folder = Path(folder)
-    cfg = _read_model_config(folder)
+    cfg = ModelConfig.from_folder(folder)
     card_info = from_dict(CardInfo, info or {}, "model card info")
     write_tokenizer_files(folder, cfg.context_length)
     atomic_write_text(folder / "generation_config.json",
@@ -306,7 +298,7 @@ def export(cfg: ExportConfig) -> Path:
 
     model = Gemma3.from_pretrained(src)  # checks every tensor against config.json
     stored = load_json(src / "config.json").get("dtype", "float32")
-    dtype = getattr(torch, DTYPES[cfg.dtype] if cfg.dtype else str(stored), None)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype else getattr(torch, str(stored), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise UserError(f"{src / 'config.json'}: unknown dtype {stored!r}; pass --dtype")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -340,7 +332,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="Copy a checkpoint (or a run folder's best/) to OUT with config.json, "
                                    "model.safetensors, tokenizer files, generation_config.json and a model card; "
                                    "optimizer and trainer state stay behind.")
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder, or a run folder (uses its best/)")
+    add_checkpoint_arg(p)
     p.add_argument("out", metavar="OUT", help="folder to create")
     add_dataclass_args(p, ExportConfig, skip=("source", "out"))
     p.set_defaults(func=_export_cmd)

@@ -108,12 +108,12 @@ class KVCache:
     ``window`` slots reused in turn (``ring=True``): position c lives in slot c % window.
     """
 
-    def __init__(self, batch: int, heads: int, size: int, head_dim: int, ring: bool,
-                 dtype: torch.dtype, device: torch.device):
-        self.k = torch.zeros(batch, heads, size, head_dim, dtype=dtype, device=device)
+    def __init__(self, batch: int, heads: int, size: int, head_dim: int, ring: bool, step_slot: torch.Tensor,
+                 dtype: torch.dtype):
+        self.k = torch.zeros(batch, heads, size, head_dim, dtype=dtype, device=step_slot.device)
         self.v = torch.zeros_like(self.k)
         self.size, self.ring = size, ring
-        self.step_slot = torch.zeros(1, dtype=torch.long, device=device)  # decode steps write it in place
+        self.step_slot = step_slot  # (1,) long, shared by the layers of a kind; decode steps write it in place
         self.slots = self.step_slot  # where update() writes; the prefill points it at the prompt's slots
         self.visible: int | None = None  # slots to attend over (None = all); a ring sets it only to prefill
 
@@ -188,12 +188,12 @@ def _new_caches(model: Gemma3, batch: int, total: int, dtype: torch.dtype, devic
     kept = _KEPT_CACHES.get(model)
     if reuse and kept is not None and kept[0] == key:
         return kept[1]
+    step_slots = {t: torch.zeros(1, dtype=torch.long, device=device) for t in (SLIDING, FULL)}
     caches = [KVCache(batch, mc.num_kv_heads, min(mc.sliding_window, total) if t == SLIDING else total,
-                      mc.head_dim, ring=t == SLIDING, dtype=dtype, device=device) for t in mc.layer_types]
+                      mc.head_dim, ring=t == SLIDING, step_slot=step_slots[t], dtype=dtype) for t in mc.layer_types]
     if reuse:
-        for c in caches:
-            for buf in (c.k, c.v, c.step_slot):  # updated in place, read by the CUDA graph
-                torch._dynamo.mark_static_address(buf)
+        for buf in (*step_slots.values(), *(b for c in caches for b in (c.k, c.v))):
+            torch._dynamo.mark_static_address(buf)  # updated in place, read by the CUDA graph
         _KEPT_CACHES[model] = (key, caches)  # one shape at a time, so memory stays bounded
     return caches
 
@@ -251,6 +251,7 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
 
     done = torch.zeros(B, dtype=torch.bool, device=device)
     ring_slots = torch.arange(min(W, total), device=device)
+    step_slots = {c.ring: c.step_slot for c in caches}  # one per layer kind, shared by its layers
     eot = mc.eot_token_id
     for t in range(cfg.max_new_tokens):
         tok = torch.where(done, eot, _pick(logits, cfg, gen))
@@ -260,10 +261,12 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
         if t == cfg.max_new_tokens - 1 or all(f or x == eot for x, f in zip(out, finished, strict=True)):
             return
         c_now = P + t  # column of the token being fed
-        for c in caches:
-            c.slots.fill_(c_now % c.size if c.ring else c_now)
-            if not compile and not c.ring:
-                c.visible = c_now + 1
+        for ring, slot in step_slots.items():
+            slot.fill_(c_now % ring_slots.numel() if ring else c_now)
+        if not compile:
+            for c in caches:
+                if not c.ring:
+                    c.visible = c_now + 1
         # ring slot s holds the latest column congruent to s (mod size) that is <= c_now
         ring_cols = c_now - (c_now - ring_slots) % ring_slots.numel()
         ring_mask = (ring_cols[None, :] >= pad[:, None]) & (ring_cols[None, :] >= 0)
@@ -277,17 +280,28 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
         logits = step(tok[:, None], positions=positions, masks=masks, cache=caches)[:, -1]
 
 
+def generate_rows(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | None = None, *,
+                  compile: bool = False) -> tuple[list[list[int]], list[bool]]:
+    """New tokens per row (prompt-major, ``num_samples`` per prompt) without the final ``<|endoftext|>``,
+    and whether each row ended with it (else it hit ``max_new_tokens``)."""
+    cfg = cfg or SamplingConfig()
+    n = len(prompt_ids) * cfg.num_samples
+    out: list[list[int]] = [[] for _ in range(n)]
+    ended = [False] * n
+    eot = unwrap(model).config.eot_token_id
+    for step in stream(model, prompt_ids, cfg, compile=compile):
+        for r, tok in enumerate(step):
+            if tok == eot:
+                ended[r] = True
+            elif tok is not None:
+                out[r].append(tok)
+    return out, ended
+
+
 def generate_ids(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | None = None, *,
                  compile: bool = False) -> list[list[int]]:
     """New tokens per row (prompt-major, ``num_samples`` per prompt), stopping before ``<|endoftext|>``."""
-    cfg = cfg or SamplingConfig()
-    out: list[list[int]] = [[] for _ in range(len(prompt_ids) * cfg.num_samples)]
-    eot = model.config.eot_token_id
-    for step in stream(model, prompt_ids, cfg, compile=compile):
-        for row, tok in zip(out, step, strict=True):
-            if tok is not None and tok != eot:
-                row.append(tok)
-    return out
+    return generate_rows(model, prompt_ids, cfg, compile=compile)[0]
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -320,11 +334,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def add_checkpoint_arg(p: argparse.ArgumentParser, metavar: str = "CKPT") -> None:
+    p.add_argument("checkpoint", metavar=metavar,
+                   help="a checkpoint folder, or a run folder (then its best/; see resolve_checkpoint)")
+
+
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda if available)")
 
 
-INFERENCE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype names (generate, serve, export)
 
 
 def inference_dtype(name: str, device: str | torch.device) -> torch.dtype:
@@ -332,11 +351,11 @@ def inference_dtype(name: str, device: str | torch.device) -> torch.dtype:
     matrix-vector products, see bench/generate.py); else ``bf16`` / ``fp32``."""
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return INFERENCE_DTYPES[name]
+    return DTYPES[name]
 
 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["auto", *INFERENCE_DTYPES], default="auto",
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="weights and activations: auto = bf16 on CUDA, fp32 elsewhere")
 
 
@@ -405,7 +424,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="write stories from a checkpoint (KV-cache sampling)",
                        description="Sample stories from a checkpoint. Every prompt is preceded by <|endoftext|>; "
                                    "prompts too long for the context lose their oldest tokens.")
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (then its best/)")
+    add_checkpoint_arg(p)
     p.add_argument("--prompt", action="append", help="story opening (repeatable; default: an empty prompt)")
     add_dataclass_args(p, SamplingConfig)
     p.add_argument("--no-stream", action="store_true", help="print each story once finished")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tinygemma.config import UserError, atomic_write, from_dict, load_json
+from tinygemma.config import UserError, atomic_write, atomic_write_text, from_dict, load_json
 from tinygemma.fused import LinearCrossEntropy, RMSNormFunction, rms_norm
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -109,6 +109,13 @@ class ModelConfig:
         }
 
     @classmethod
+    def from_folder(cls, directory: Path) -> ModelConfig:
+        """The config.json of a model folder."""
+        if not (directory / "config.json").is_file():
+            raise UserError(f"{directory}: not a model folder (no config.json)")
+        return cls.from_hf(load_json(directory / "config.json"), str(directory / "config.json"))
+
+    @classmethod
     def from_hf(cls, d: dict, where: str = "config.json") -> ModelConfig:
         if not isinstance(d, dict) or d.get("model_type") != "gemma3_text":
             got = d.get("model_type") if isinstance(d, dict) else type(d).__name__
@@ -184,11 +191,9 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: tor
     The first half of sin comes negated, so that :func:`apply_rope` needs no negation (exactly equal)."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
     inv_freq = 1.0 / (base ** exponent)
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    sign = torch.ones(head_dim, device=positions.device)
-    sign[: head_dim // 2] = -1
-    return emb.cos().to(dtype), (emb.sin() * sign).to(dtype)
+    freqs = (positions.float()[..., None] * inv_freq)[:, None]
+    cos, sin = freqs.cos(), freqs.sin()  # each half of the head uses the same frequencies
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -336,17 +341,14 @@ class Gemma3(nn.Module):
             state.pop("lm_head.weight")
         dtype = next(self.parameters()).dtype
         atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-        atomic_write(directory / "config.json",
-                     lambda p: Path(p).write_text(json.dumps(self.config.to_hf(dtype), indent=2) + "\n"))
+        atomic_write_text(directory / "config.json", json.dumps(self.config.to_hf(dtype), indent=2) + "\n")
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> Gemma3:
         directory = Path(directory)
-        if not (directory / "config.json").is_file():
-            raise UserError(f"{directory}: not a model folder (no config.json)")
-        cfg = ModelConfig.from_hf(load_json(directory / "config.json"), str(directory / "config.json"))
+        cfg = ModelConfig.from_folder(directory)
         weights = directory / "model.safetensors"
         if not weights.is_file():
             raise UserError(f"{weights}: missing")

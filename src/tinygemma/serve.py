@@ -40,6 +40,7 @@ from tinygemma.generate import (
     TUTORIAL_PROMPTS,
     SamplingConfig,
     TextStream,
+    add_checkpoint_arg,
     add_device_arg,
     add_dtype_arg,
     inference_dtype,
@@ -381,11 +382,14 @@ def _request_model(cfg: ServeConfig, context_length: int, vocab_size: int) -> ty
 
 
 # -- app -------------------------------------------------------------------------------------------
+def _error_body(message: str, kind: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
 def _error(status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status, headers=headers)
+    return JSONResponse(_error_body(message, kind, param), status_code=status, headers=headers)
 
 
 def _sse(obj: Any) -> str:
@@ -466,8 +470,7 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
         loc0 = errors[0].get("loc", ()) if errors else ()
         param = str(loc0[1]) if len(loc0) > 1 and loc0[0] == "body" and isinstance(loc0[1], str) else None
         detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
-        resp = _error(422, "; ".join(parts) or "invalid request", "invalid_request_error", param)
-        body = json.loads(resp.body)
+        body = _error_body("; ".join(parts) or "invalid request", "invalid_request_error", param)
         body["detail"] = detail  # FastAPI's usual list, without the echoed input
         return JSONResponse(body, status_code=422)
 
@@ -606,8 +609,7 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
                 if kind == "done" and include_usage:
                     yield chunk([], usage=usage(payload))
                 if kind == "error":
-                    yield _sse({"error": {"message": "internal server error (see the server's log)",
-                                          "type": "server_error", "param": None, "code": None}})
+                    yield _sse(_error_body("internal server error (see the server's log)", "server_error"))
                 yield "data: [DONE]\n\n"
                 return
 
@@ -637,6 +639,10 @@ async def _watch_disconnect(request, cancel: threading.Event) -> None:
 
 
 # -- running it ------------------------------------------------------------------------------------
+def base_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket, or a one-line UserError (port taken, bad address)."""
     try:
@@ -670,9 +676,8 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str 
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the server did not start")
         time.sleep(0.01)
-    host_part = f"[{host}]" if ":" in host else host
     try:
-        yield f"http://{host_part}:{sock.getsockname()[1]}"
+        yield base_url(host, sock.getsockname()[1])
     finally:
         server.should_exit = True
         thread.join(10)
@@ -686,8 +691,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not is_loopback(cfg.host):
         print(f"tinygemma serve: warning: listening on {cfg.host}, not loopback: anyone who can reach this "
               "machine can use the model (there is no authentication)", file=sys.stderr)
-    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    print(f"tinygemma studio: http://{host}:{sock.getsockname()[1]}/  (API: /v1/completions, Ctrl-C stops)",
+    print(f"tinygemma studio: {base_url(cfg.host, sock.getsockname()[1])}/  (API: /v1/completions, Ctrl-C stops)",
           file=sys.stderr, flush=True)
     _uvicorn_server(app, "info").run(sockets=[sock])
     return 0
@@ -698,7 +702,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="Serve a checkpoint (or a run folder: its best/ model plus its training "
                                    "curves and latest samples report) on a local web page and an "
                                    "OpenAI-style completions API.")
-    p.add_argument("checkpoint", metavar="CKPT_OR_RUN", help="a checkpoint folder, or a run folder")
+    add_checkpoint_arg(p, metavar="CKPT_OR_RUN")
     add_dataclass_args(p, ServeConfig)
     add_device_arg(p)
     add_dtype_arg(p)
