@@ -24,7 +24,8 @@ import torch
 
 from tinygemma.data import PrepareConfig, TokenDataset, prepare
 from tinygemma.model import Gemma3
-from tinygemma.train import load_recipe, resolve_config, train
+from tinygemma.train import load_recipe, resolve_config
+from tinygemma.trainer import train
 
 
 def scaled(recipe: str, args: argparse.Namespace, data: Path, out: Path):

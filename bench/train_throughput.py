@@ -4,14 +4,16 @@
     python bench/train_throughput.py --device cuda    # GPU: gemma3-270m, block 128, micro 32..256, compiled too
 
 Variants (same model config, same micro-batch, one optimizer step per micro-batch):
-  tinygemma          this trainer's step (train.forward_backward + AdamW as train() builds them: fp32 master
-                     weights, bf16 autocast on CUDA, fused AdamW, no decay on norms/embeddings)
+  tinygemma          Trainer.train_step itself, the step `tinygemma train` runs (batches drawn from the prepared
+                     sample, fp32 master weights, bf16 autocast on CUDA, fused AdamW, no decay on norms/embeddings,
+                     the loss/grad-norm host sync, the LR schedule)
   tinygemma+compile  the same, torch.compile'd (the trainer's default on CUDA)
   hf                 transformers' Gemma3ForCausalLM, attn_implementation="sdpa", bf16 autocast on CUDA, fused AdamW
   hf+compile         the same, torch.compile'd
   tutorial           the tutorial's style: the whole model in bf16, masked-matmul attention, plain AdamW
 Each (variant, micro-batch) runs in its own process, so its peak memory is its own (CUDA: max allocated;
-CPU: max RSS). Input tokens are random: throughput does not depend on them. MFU uses the trainer's
+CPU: max RSS). The trainer reads the first 2,000 stories of each split of TinyStories (TINYSTORIES_DIR, or the
+hub), prepared once; the baselines get random tokens: throughput does not depend on them. MFU uses the trainer's
 FLOPs per token and peak table (CPU: only with --peak-tflops).
 """
 
@@ -30,8 +32,10 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from tinygemma.data import PrepareConfig, prepare
 from tinygemma.model import Gemma3, apply_rope, load_model_config
-from tinygemma.train import TrainConfig, autocast_dtype, forward_backward, make_optimizer, peak_flops, peak_memory_mb
+from tinygemma.train import TrainConfig, autocast_dtype, peak_flops, peak_memory_mb
+from tinygemma.trainer import Trainer
 
 VARIANTS = ("tinygemma", "tinygemma+compile", "hf", "hf+compile", "tutorial")
 
@@ -51,6 +55,32 @@ def tutorial_attention(self, x, cos, sin, mask=None, cache=None):
     return self.o_proj((weights @ v).transpose(1, 2).reshape(B, T, -1))
 
 
+def time_trainer(spec: dict, model_cfg) -> dict:
+    """Time ``Trainer.train_step``, the step users run, on the prepared sample."""
+    steps, warmup = spec["steps"], spec["warmup"]
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer({"data": spec["data"], "out": out, "model": spec["model"], "device": spec["device"],
+                           "precision": spec["precision"], "compile": spec["variant"].endswith("+compile"),
+                           "block_size": spec["block"], "micro_batch": spec["micro"], "grad_accum": 1,
+                           "max_steps": warmup + steps, "max_tokens": None, "eval_batches": 1, "progress": False,
+                           "peak_tflops": spec["peak_tflops"]})
+        sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+        for _ in range(warmup):  # compilation, allocator and kernel warm-up
+            trainer.train_step()
+        sync()
+        if trainer.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        sync()
+        tokens_per_s = steps * spec["micro"] * spec["block"] / (time.perf_counter() - start)
+        trainer.close()
+    peak = trainer.peak_total
+    mfu = tokens_per_s * model_cfg.flops_per_token(spec["block"]) / peak if peak else None
+    return {"tokens_per_s": tokens_per_s, "mfu": mfu, "peak_mem_mb": peak_memory_mb(trainer.device)}
+
+
 def child(spec: dict) -> dict:
     device = torch.device(spec["device"])
     torch.manual_seed(0)
@@ -62,17 +92,10 @@ def child(spec: dict) -> dict:
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    model = Gemma3(model_cfg)
     if variant.startswith("tinygemma"):
-        model.to(device)
-        optimizer = make_optimizer(model, cfg, device)
-        runner = torch.compile(model) if variant.endswith("+compile") else model
-
-        def step(x, y):
-            forward_backward(runner, model, [(x, y)], autocast, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    elif variant.startswith("hf"):
+        return time_trainer(spec, model_cfg)
+    model = Gemma3(model_cfg)
+    if variant.startswith("hf"):
         from transformers import AutoModelForCausalLM
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -150,13 +173,16 @@ def main() -> None:
           + f"; model {model}; block {args.block_size}; precision {args.precision}; {steps} timed steps after "
           f"{warmup}; torch {torch.__version__}")
     repeats = args.repeats or (1 if cuda else 2)
+    data = tempfile.mkdtemp(prefix="tinygemma-bench-data-")
+    prepare(PrepareConfig(source=os.environ.get("TINYSTORIES_DIR", "roneneldan/TinyStories"), out=data,
+                          max_stories=2000))
     best: dict[tuple[str, int], dict] = {}
     for round_ in range(repeats):  # interleaved rounds, so that a burst of outside load hits every variant
         for micro in micros:
             for variant in variants:
                 spec = {"device": args.device, "model": model, "variant": variant, "micro": micro,
                         "block": args.block_size, "steps": steps, "warmup": warmup, "peak_tflops": args.peak_tflops,
-                        "precision": args.precision}
+                        "precision": args.precision, "data": data}
                 proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                       text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -28,3 +28,20 @@ def test_bad_preset_is_one_line_error():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "unknown model 'gemma9'" in proc.stderr
+
+
+def test_prepare_and_help_do_not_import_torch():
+    code = ("import sys; from tinygemma.cli import build_parser\n"
+            "for argv in (['prepare', '--help'], ['--help']):\n"
+            "    try: build_parser(argv[0]).parse_args(argv)\n"
+            "    except SystemExit: pass\n"
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert "prepare" in proc.stdout and "serve" in proc.stdout  # both help texts were printed
+
+
+def test_value_errors_of_pure_modules_are_one_line(capsys):
+    assert main(["info", "--seq-len", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "tinygemma info: error: --seq-len must be >= 1, got 0"

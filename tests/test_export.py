@@ -136,7 +136,7 @@ def test_model_card_with_info(ckpt, model):
                  "1.7321", f"{math.exp(1.7321):.2f}", "163,840", "1 h 6 min", "> The cat was happy.",
                  "Tom had a red ball.", '"batch_size": 32', "AutoModelForCausalLM.from_pretrained",
                  "arXiv:2503.19786", "arXiv:2305.07759", "Gemma 3 Technical Report", "Eldan",
-                 f"# {ckpt.parent.name} (checkpoint-1200)\n"):
+                 f"# {ckpt.parent.name}/checkpoint-1200\n"):
         assert want in text, want
 
 

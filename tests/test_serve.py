@@ -11,16 +11,15 @@ import torch
 
 from tinygemma.cli import main
 from tinygemma.config import UserError
-from tinygemma.generate import SamplingConfig, encode_prompts, generate_ids, resolve_checkpoint
+from tinygemma.generate import SamplingConfig, encode_prompts, generate_ids
 from tinygemma.model import Gemma3, load_model_config
+from tinygemma.run import latest_report, read_metrics, resolve_checkpoint
 from tinygemma.serve import (
     STATIC,
     ServeConfig,
     _Row,
     create_app,
     is_loopback,
-    latest_report,
-    read_metrics,
     serve_in_thread,
 )
 

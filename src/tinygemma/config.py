@@ -13,7 +13,6 @@ import dataclasses
 import difflib
 import json
 import os
-import shutil
 import types
 import typing
 from collections.abc import Callable
@@ -122,17 +121,6 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished temp folder into place; a previous ``final`` is moved aside to ``.old-NAME``
-    first, then deleted (training's crash recovery restores a folder caught mid-swap)."""
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -40,11 +40,11 @@ from tinygemma.generate import (
     encode_prompts,
     generate_rows,
     load_checkpoint,
-    resolve_checkpoint,
     sampling_config_from_args,
     unwrap,
 )
 from tinygemma.model import Gemma3
+from tinygemma.run import read_run_config, resolve_checkpoint
 from tinygemma.tokenizer import Tokenizer
 
 REPORT_SEED = 1337  # samples reports are reproducible unless a seed is given
@@ -111,8 +111,9 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError("--data is required (a folder made by `tinygemma prepare`)")
     folder = resolve_checkpoint(args.checkpoint)
     model = load_checkpoint(folder, device=args.device)
-    if cfg.block_size is None and (folder / "run_config.json").is_file():  # score as the run was trained
-        cfg.block_size = json.loads((folder / "run_config.json").read_text())["train"]["block_size"]
+    run_config = read_run_config(folder)
+    if cfg.block_size is None and run_config is not None:  # score as the run was trained
+        cfg.block_size = run_config["train"]["block_size"]
     ds = TokenDataset(cfg.data, cfg.split, vocab_size=model.config.vocab_size)
     res = evaluate_tokens(model, ds.tokens, cfg.block_size, cfg.batch_size, progress=not args.json)
     res = {"checkpoint": str(args.checkpoint), "data": cfg.data, "split": cfg.split, **res}

@@ -34,10 +34,10 @@ from tinygemma.config import (
     dataclass_overrides,
     from_dict,
     load_json,
-    replace_dir,
 )
-from tinygemma.generate import DTYPES, SamplingConfig, add_checkpoint_arg, resolve_checkpoint
+from tinygemma.generate import DTYPES, SamplingConfig, add_checkpoint_arg
 from tinygemma.model import FULL, Gemma3, ModelConfig
+from tinygemma.run import display_name, replace_dir, resolve_checkpoint
 from tinygemma.tokenizer import EOT_ID, EOT_TOKEN, get_encoding, r50k_pat_str
 
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -119,14 +119,6 @@ def generation_config(eot_id: int = EOT_ID) -> dict[str, Any]:
             **sampling_defaults()}
 
 
-def _default_name(folder: Path) -> str:
-    """The folder's name, or the run's for the trainer's ``best/`` and ``checkpoint-STEP/``."""
-    folder = folder.resolve()
-    if folder.name == "best" or folder.name.startswith("checkpoint-"):
-        return f"{folder.parent.name} ({folder.name})"
-    return folder.name
-
-
 def write_hf_files(folder: str | os.PathLike, info: dict[str, Any] | None = None, *, card: bool = True) -> Path:
     """Add tokenizer files, generation_config.json and (if ``card``) a README.md model card to a
     model folder written by ``Gemma3.save_pretrained``. ``info`` holds CardInfo's fields."""
@@ -137,7 +129,7 @@ def write_hf_files(folder: str | os.PathLike, info: dict[str, Any] | None = None
     atomic_write_text(folder / "generation_config.json",
                       json.dumps(generation_config(cfg.eot_token_id), indent=2) + "\n")
     if card:
-        atomic_write_text(folder / "README.md", model_card(cfg, card_info, card_info.name or _default_name(folder)))
+        atomic_write_text(folder / "README.md", model_card(cfg, card_info, card_info.name or display_name(folder)))
     return folder
 
 

@@ -16,18 +16,19 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
-import re
 import sys
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict
 from tinygemma.model import FULL, SLIDING, Gemma3
+from tinygemma.run import resolve_checkpoint
 from tinygemma.tokenizer import Tokenizer
 
 # The tutorial's five story openings: the samples report's prompts and the studio's examples.
@@ -53,7 +54,7 @@ class SamplingConfig:
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise UserError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -61,28 +62,6 @@ class SamplingConfig:
             raise UserError(f"top_k must be >= 0, got {self.top_k}")
         if self.num_samples <= 0:
             raise UserError(f"num_samples must be positive, got {self.num_samples}")
-
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """The ``checkpoint-STEP`` folders of a run, by step."""
-    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
-    return sorted(found)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The model folder of a checkpoint or run folder: itself, the run's ``best/``, else its newest
-    ``checkpoint-STEP/`` (a run still before its first evaluation)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: no such checkpoint or run folder")
-    for candidate in (path, path / "best", *(p for _, p in reversed(checkpoints(path)))):
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
-            return candidate
-    raise UserError(f"{path}: not a checkpoint (needs config.json and model.safetensors) "
-                    "nor a run folder (no best/ or checkpoint-*/)")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Gemma3:
@@ -157,19 +136,28 @@ def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> to
 
 
 # -- decoding ------------------------------------------------------------------------------------
+def prompt_room(context_length: int, max_new_tokens: int) -> int:
+    """How many prompt tokens fit in the context beside ``max_new_tokens`` new ones (the one place of this check)."""
+    if max_new_tokens >= context_length:
+        raise UserError(f"max_new_tokens ({max_new_tokens}) must be below the context length ({context_length})")
+    return context_length - max_new_tokens
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """Token ids given by a user (prompts as ids) must index the vocabulary."""
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise UserError(f"token ids must lie in [0, {vocab_size})")
+
+
 def _prepare_prompts(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig) -> list[list[int]]:
     mc = model.config
-    if cfg.max_new_tokens >= mc.context_length:
-        raise UserError(f"max_new_tokens ({cfg.max_new_tokens}) must be below the context length "
-                        f"({mc.context_length})")
+    keep = prompt_room(mc.context_length, cfg.max_new_tokens)
     if not prompt_ids:
         raise UserError("no prompts")
-    keep = mc.context_length - cfg.max_new_tokens
     rows = []
     for ids in prompt_ids:
         ids = list(ids) or [mc.eot_token_id]  # an empty prompt starts a new story
-        if any(not 0 <= t < mc.vocab_size for t in ids):
-            raise UserError(f"prompt token ids must lie in [0, {mc.vocab_size})")
+        check_token_ids(ids, mc.vocab_size)
         rows.append(ids[-keep:])  # left truncation so that prompt + output fit in the context
     return rows
 
@@ -280,28 +268,40 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
         logits = step(tok[:, None], positions=positions, masks=masks, cache=caches)[:, -1]
 
 
-def generate_rows(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | None = None, *,
-                  compile: bool = False) -> tuple[list[list[int]], list[bool]]:
+class Completions(NamedTuple):
     """New tokens per row (prompt-major, ``num_samples`` per prompt) without the final ``<|endoftext|>``,
     and whether each row ended with it (else it hit ``max_new_tokens``)."""
+
+    tokens: list[list[int]]
+    ended: list[bool]
+
+
+def generate_rows(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | None = None, *,
+                  compile: bool = False, on_token: Callable[[Completions, int, int], None] | None = None,
+                  ) -> Completions:
+    """Decode every row to the end; ``on_token(completions, row, token)`` sees each new token as it comes
+    (``<|endoftext|>`` included), after it was added, so that a caller can stream."""
     cfg = cfg or SamplingConfig()
     n = len(prompt_ids) * cfg.num_samples
-    out: list[list[int]] = [[] for _ in range(n)]
-    ended = [False] * n
+    rows = Completions([[] for _ in range(n)], [False] * n)
     eot = unwrap(model).config.eot_token_id
     for step in stream(model, prompt_ids, cfg, compile=compile):
         for r, tok in enumerate(step):
+            if tok is None:
+                continue
             if tok == eot:
-                ended[r] = True
-            elif tok is not None:
-                out[r].append(tok)
-    return out, ended
+                rows.ended[r] = True
+            else:
+                rows.tokens[r].append(tok)
+            if on_token is not None:
+                on_token(rows, r, tok)
+    return rows
 
 
 def generate_ids(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | None = None, *,
                  compile: bool = False) -> list[list[int]]:
     """New tokens per row (prompt-major, ``num_samples`` per prompt), stopping before ``<|endoftext|>``."""
-    return generate_rows(model, prompt_ids, cfg, compile=compile)[0]
+    return generate_rows(model, prompt_ids, cfg, compile=compile).tokens
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -369,55 +369,59 @@ def _generate(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint, device=args.device, dtype=inference_dtype(args.dtype, args.device))
     tok = Tokenizer()
     prompt_ids = encode_prompts(tok, prompts)
-    keep = model.config.context_length - cfg.max_new_tokens
-    if cfg.max_new_tokens < model.config.context_length and any(len(p) > keep for p in prompt_ids):
+    keep = prompt_room(model.config.context_length, cfg.max_new_tokens)
+    if any(len(p) > keep for p in prompt_ids):
         print(f"tinygemma generate: warning: prompt longer than {keep} tokens "
               f"(context {model.config.context_length} - max_new_tokens); keeping its last {keep}", file=sys.stderr)
     rows = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]
-    out: list[list[int]] = [[] for _ in rows]
-    ended = [False] * len(rows)
     live = not args.no_stream and not args.json and len(rows) == 1
-    printed = 0  # rows printed so far (in order, each once it has finished)
-    text = TextStream(tok)
-    eot = tok.eot_id
-    header = lambda r: f"--- prompt {rows[r][0] + 1}, sample {rows[r][1] + 1} ---" if len(rows) > 1 else None
-
-    def flush_finished(final: bool) -> None:
-        nonlocal printed
-        while printed < len(rows) and (final or ended[printed]):
-            if h := header(printed):
-                print(h)
-            print(prompts[rows[printed][0]] + tok.decode(out[printed]), flush=True)
-            printed += 1
-
+    printer = _RowPrinter(tok, prompts, rows, live)
     if live:
         print(prompts[0], end="", flush=True)
-    t0, n_tokens = time.perf_counter(), 0
-    for step in stream(model, prompt_ids, cfg, compile=args.compile):
-        for r, t in enumerate(step):
-            if t is None:
-                continue
-            n_tokens += 1
-            if t == eot:
-                ended[r] = True
-                continue
-            out[r].append(t)
-            if live:
-                print(text.push(t), end="", flush=True)
-        if not args.json and not live:
-            flush_finished(False)
+    t0 = time.perf_counter()
+    done = generate_rows(model, prompt_ids, cfg, compile=args.compile,
+                         on_token=None if args.json else printer.on_token)
     elapsed = time.perf_counter() - t0
+    n_tokens = sum(map(len, done.tokens)) + sum(done.ended)
     if args.json:
         print(json.dumps({"config": asdict(cfg), "tokens_per_s": n_tokens / elapsed, "samples": [
             {"prompt": prompts[p], "sample": s, "text": tok.decode(ids), "tokens": ids, "ended_with_eot": e}
-            for (p, s), ids, e in zip(rows, out, ended, strict=True)]}, indent=2))
+            for (p, s), ids, e in zip(rows, done.tokens, done.ended, strict=True)]}, indent=2))
         return 0
-    if live:
-        print(text.flush())
-    else:
-        flush_finished(True)
+    printer.finish(done)
     print(f"[{n_tokens} tokens in {elapsed:.2f} s, {n_tokens / elapsed:.1f} tokens/s]", file=sys.stderr)
     return 0
+
+
+class _RowPrinter:
+    """The terminal side of ``tinygemma generate``: one row streams token by token; several rows are printed
+    whole, in order, each as soon as it and all rows before it have ended."""
+
+    def __init__(self, tok: Tokenizer, prompts: list[str], rows: list[tuple[int, int]], live: bool):
+        self.tok, self.prompts, self.rows, self.live = tok, prompts, rows, live
+        self.text = TextStream(tok)
+        self.printed = 0
+
+    def on_token(self, done: Completions, row: int, token: int) -> None:
+        if self.live:
+            if token != self.tok.eot_id:
+                print(self.text.push(token), end="", flush=True)
+        else:
+            self._flush(done, final=False)
+
+    def _flush(self, done: Completions, final: bool) -> None:
+        while self.printed < len(self.rows) and (final or done.ended[self.printed]):
+            p, s = self.rows[self.printed]
+            if len(self.rows) > 1:
+                print(f"--- prompt {p + 1}, sample {s + 1} ---")
+            print(self.prompts[p] + self.tok.decode(done.tokens[self.printed]), flush=True)
+            self.printed += 1
+
+    def finish(self, done: Completions) -> None:
+        if self.live:
+            print(self.text.flush())
+        else:
+            self._flush(done, final=True)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -303,10 +303,13 @@ class Gemma3(nn.Module):
         ``logits_to_keep`` > 0 computes logits for the last that many positions only (generation's prefill).
         """
         cfg = self.config
-        if cache is None and not torch.compiler.is_compiling() and input_ids.numel():  # one host sync
-            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # (decoding checks its prompts itself)
+        # ids on the CPU are checked here at no cost; on an accelerator that would be a host sync per forward, so
+        # there the embedding's own device-side assert stands (users' ids are checked where they come in)
+        if input_ids.device.type == "cpu" and cache is None and not torch.compiler.is_compiling() \
+                and input_ids.numel():
+            lo, hi = torch.aminmax(input_ids)
             if lo < 0 or hi >= cfg.vocab_size:
-                raise UserError(f"token ids must lie in [0, {cfg.vocab_size}); got {lo}..{hi}")
+                raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got {int(lo)}..{int(hi)}")
         T = input_ids.shape[1]
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)[None]

@@ -20,8 +20,6 @@ import difflib
 import ipaddress
 import json
 import logging
-import math
-import os
 import socket
 import sys
 import threading
@@ -48,6 +46,7 @@ from tinygemma.generate import (
     stream,
 )
 from tinygemma.model import Gemma3
+from tinygemma.run import METRICS, display_name, latest_report, read_metrics
 from tinygemma.tokenizer import Tokenizer
 
 STATIC = Path(__file__).parent / "static"
@@ -88,14 +87,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def model_name(path: str | Path) -> str:
-    """``run`` for a run folder, ``run/best`` or ``run/checkpoint-100`` for a checkpoint inside one."""
-    path = Path(path).resolve()
-    if path.name == "best" or path.name.startswith("checkpoint-"):
-        return f"{path.parent.name}/{path.name}"
-    return path.name or "tinygemma"
 
 
 # -- generation engine -----------------------------------------------------------------------------
@@ -235,55 +226,6 @@ class Engine:
             for c in self._cancels:
                 c.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-# -- run folder (training page) -------------------------------------------------------------------
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/Infinity: a diverged loss is shown as a gap."""
-    return value if not isinstance(value, float) or math.isfinite(value) else None
-
-
-def read_metrics(path: Path, cursor: str = "") -> tuple[list[dict], str, bool]:
-    """Records of the lines added since ``cursor``; returns (records, next cursor, restarted).
-
-    The cursor names the file (its inode) and a byte offset. A half-written last line waits for the
-    next call. A replaced file (training rewrites it when resuming) or a shorter one (a new run) is
-    read from the start, with ``restarted`` true. Lines that are not JSON objects are skipped.
-    """
-    inode, _, offset_text = cursor.partition("-")
-    offset = int(offset_text) if offset_text.isdigit() else 0
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            restarted = offset > st.st_size or (offset > 0 and inode != str(st.st_ino))
-            offset = 0 if restarted else offset
-            f.seek(offset)
-            data = f.read(st.st_size - offset)
-    except FileNotFoundError:
-        return [], "", offset > 0
-    end = data.rfind(b"\n") + 1
-    records = []
-    for line in data[:end].splitlines():
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(rec, dict):
-            records.append({k: _finite(v) for k, v in rec.items()})
-    return records, f"{st.st_ino}-{offset + end}", restarted
-
-
-def latest_report(run: Path) -> Path | None:
-    """The newest samples report in a run folder (its HTML twin when there is one); model cards are skipped."""
-    found: dict[Path, Path] = {}
-    for pattern in ("*.html", "*/*.html", "*/*/*.html", "*.md", "*/*.md", "*/*/*.md"):
-        for p in run.glob(pattern):
-            if p.name.lower() == "readme.md" or not p.is_file():
-                continue
-            found.setdefault(p.with_suffix(""), p)  # .html was globbed first, so it wins over its .md twin
-    if not found:
-        return None
-    return max(found.values(), key=lambda p: (p.stat().st_mtime, p.suffix == ".html"))
 
 
 # -- API schema ------------------------------------------------------------------------------------
@@ -432,7 +374,7 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
     else:
         path = Path(source)
         model = load_checkpoint(path, device=device, dtype=dtype)
-        model_id = model_id or model_name(path)
+        model_id = model_id or display_name(path)
         if run_dir is None and not (path / "config.json").is_file():
             run_dir = path
     run = Path(run_dir) if run_dir is not None else None
@@ -506,7 +448,7 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
     async def metrics(since: str = ""):
         if run is None:
             raise HTTPException(404, "not serving a run folder")
-        records, offset, restarted = await asyncio.to_thread(read_metrics, run / "metrics.jsonl", since)
+        records, offset, restarted = await asyncio.to_thread(read_metrics, run / METRICS, since)
         report = await asyncio.to_thread(latest_report, run)
         return {"run": run.name, "records": records, "next": offset, "restarted": restarted,
                 "report": {"name": report.relative_to(run).as_posix(), "mtime": report.stat().st_mtime}

@@ -1,7 +1,7 @@
-"""``tinygemma train``: pre-train a Gemma 3 preset on prepared token data.
+"""What a training run is made of: its config and recipes, batches, schedule, optimizer, step and checkpoint files.
 
-One readable loop in the spirit of nanoGPT: random windows from a memmap, AdamW with warmup +
-cosine decay fitted to the budget, gradient accumulation, fp32 master weights with bf16 autocast
+:class:`tinygemma.trainer.Trainer` runs these pieces (``tinygemma train``): random windows from a memmap, AdamW
+with warmup + cosine decay fitted to the budget, gradient accumulation, fp32 master weights with bf16 autocast
 on CUDA, optional torch.compile, DDP under torchrun, and checkpoints that resume bit for bit.
 
 Determinism: the batches of optimizer step ``s`` are a pure function of (seed, s), and rank r takes
@@ -11,16 +11,13 @@ the same global batch. Nothing else in the loop draws random numbers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
 import resource
-import shutil
 import signal
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,25 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from tinygemma.config import (
-    UserError,
-    add_dataclass_args,
-    atomic_write_text,
-    dataclass_overrides,
-    from_dict,
-    load_json,
-    parse_override,
-    replace_dir,
-    to_dict,
-)
-from tinygemma.data import TokenDataset
+from tinygemma import run
+from tinygemma.config import UserError, from_dict, load_json, parse_override
 from tinygemma.evaluate import write_samples_report
 from tinygemma.export import write_hf_files
-from tinygemma.generate import SamplingConfig, checkpoints
-from tinygemma.model import Gemma3, load_model_config
-from tinygemma.plots import write_plots
+from tinygemma.generate import SamplingConfig
+from tinygemma.model import Gemma3
 from tinygemma.tokenizer import Tokenizer
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
@@ -339,54 +324,15 @@ def write_checkpoint(folder: Path, model: Gemma3, optimizer: torch.optim.Optimiz
     generation_config.json, README.md model card from ``card``) plus optimizer.pt, rng_state.pt,
     trainer_state.json and run_config.json. ``model`` is the plain module (never compiled/DDP-wrapped).
     """
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = run.temp_dir(folder)
     model.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_states(), tmp / "rng_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-    (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    (tmp / run.TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+    (tmp / run.RUN_CONFIG).write_text(json.dumps(run_config, indent=2) + "\n")
     write_hf_files(tmp, card)
-    replace_dir(tmp, folder)
+    run.replace_dir(tmp, folder)
     return folder
-
-
-def recover_folders(out: Path) -> None:
-    """Tidy after a crash: drop half-written temp folders; bring back a folder caught mid-swap."""
-    for tmp in out.glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in out.glob(".old-*"):
-        final = old.with_name(old.name.removeprefix(".old-"))
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, final)
-
-
-def latest_checkpoint(out: Path, tidy: bool) -> Path | None:
-    """The newest complete checkpoint of run ``out`` (for --resume auto); ``tidy`` first finishes or
-    discards folder swaps that a crash interrupted (rank 0 only)."""
-    if not out.is_dir():
-        return None
-    if tidy:
-        recover_folders(out)
-    found = checkpoints(out)
-    return found[-1][1] if found else None
-
-
-def read_checkpoint_meta(ckpt: Path) -> tuple[dict, dict]:
-    """(trainer_state, run_config) of a checkpoint folder, or a one-line UserError."""
-    if not ckpt.is_dir():
-        raise UserError(f"--resume {ckpt}: no such checkpoint folder")
-    for name in ("config.json", "model.safetensors", "optimizer.pt", "rng_state.pt", "trainer_state.json",
-                 "run_config.json"):
-        if not (ckpt / name).is_file():
-            raise UserError(f"{ckpt}: incomplete checkpoint (no {name})")
-    state, run_config = load_json(ckpt / "trainer_state.json"), load_json(ckpt / "run_config.json")
-    if not isinstance(state, dict) or "step" not in state or not isinstance(run_config, dict) \
-            or "train" not in run_config:
-        raise UserError(f"{ckpt}: trainer_state.json or run_config.json is not a tinygemma checkpoint's")
-    return state, run_config
 
 
 def load_torch(path: Path, device: torch.device) -> Any:
@@ -396,7 +342,6 @@ def load_torch(path: Path, device: torch.device) -> Any:
         raise UserError(f"{path}: unreadable or corrupt ({type(e).__name__})") from None
 
 
-# -- the run --------------------------------------------------------------------------------------------
 class Stop:
     """SIGINT/SIGTERM: the first asks for a checkpoint and a clean exit; a second one exits at once."""
 
@@ -419,343 +364,3 @@ class Stop:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _dist_env() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _prepare_out(out: Path, cfg_dict: dict, resume: str | None, force: bool) -> None:
-    """Refuse to mix two runs in one folder; with --force start over (old checkpoints are removed)."""
-    existing = out / "run_config.json"
-    if force:
-        for _, p in checkpoints(out):
-            shutil.rmtree(p)
-        for name in ("best", "metrics.jsonl"):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        return
-    if not existing.is_file() or resume:
-        return
-    previous = load_json(existing).get("train", {})
-    changed = sorted(k for k in set(previous) | set(cfg_dict) if previous.get(k) != cfg_dict.get(k))
-    if changed:
-        raise UserError(f"{out} holds another run (its config differs in {', '.join(changed[:4])}); "
-                        f"use --resume auto, --force or another --out")
-    raise UserError(f"{out} already holds this run; use --resume auto to continue or --force to start over")
-
-
-def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, recipe: str | None = None) -> dict:
-    """Run training; returns the final trainer state. Works alone or under torchrun (DDP)."""
-    rank, world, local_rank = _dist_env()
-    device = pick_device(cfg, local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    out = Path(cfg.out)
-
-    # -- what to resume from
-    ckpt = None
-    if resume == "auto":
-        ckpt = latest_checkpoint(out, tidy=master)
-        if ckpt is None and master:
-            print(f"--resume auto: no checkpoint in {out}, starting a new run", file=sys.stderr)
-    elif resume:
-        ckpt = Path(resume)
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "best_val_loss": None, "best_step": None, "skipped_steps": 0,
-                             "elapsed_s": 0.0, "train_time_s": 0.0, "total_steps": None}
-    if ckpt is not None:
-        saved_state, saved_config = read_checkpoint_meta(ckpt)
-        if recipe is not None and recipe != saved_config.get("recipe"):
-            raise UserError(f"--recipe {recipe} differs from the checkpoint's ({saved_config.get('recipe')})")
-        state.update(saved_state)
-
-    # -- model and data
-    model_cfg = load_model_config(cfg.model)
-    if cfg.block_size > model_cfg.context_length:
-        raise UserError(f"block_size {cfg.block_size} exceeds the model's context length {model_cfg.context_length}")
-    train_data = TokenDataset(cfg.data, "train", vocab_size=model_cfg.vocab_size)
-    val_data = TokenDataset(cfg.data, "val", vocab_size=model_cfg.vocab_size)
-    for ds in (train_data, val_data):
-        if len(ds) <= cfg.block_size:
-            raise UserError(f"block_size {cfg.block_size} needs more than {len(ds)} tokens ({ds.path})")
-    run_config = {"train": to_dict(cfg), "model": to_dict(model_cfg), "recipe": recipe, "world_size": world,
-                  "data_meta": {s: train_data.meta["splits"][s]["sha256"] for s in train_data.meta["splits"]}}
-    if master:
-        if ckpt is None:
-            _prepare_out(out, to_dict(cfg), resume, force)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "run_config.json", json.dumps(run_config, indent=2) + "\n")
-        print("resolved config:\n" + json.dumps(run_config, indent=2), flush=True)
-
-    torch.manual_seed(cfg.seed)
-    if ckpt is not None:
-        model = Gemma3.from_pretrained(ckpt)
-        if model.config != model_cfg:
-            raise UserError(f"{ckpt}: the checkpoint's model differs from --model {cfg.model}")
-    else:
-        model = Gemma3(model_cfg)
-    model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    if ckpt is not None:
-        try:
-            optimizer.load_state_dict(load_torch(ckpt / "optimizer.pt", device))
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{ckpt / 'optimizer.pt'}: does not fit this model ({e})") from None
-        set_rng_states(load_torch(ckpt / "rng_state.pt", torch.device("cpu")))
-
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    step_model = model
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    if use_compile:
-        step_model = torch.compile(model)
-    eval_model = step_model
-    if world > 1:
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            step_model, device_ids=[local_rank] if device.type == "cuda" else None)
-
-    sampler = Sampler(train_data.tokens, cfg.block_size, cfg.micro_batch, cfg.grad_accum, rank, world, cfg.seed)
-    val_batches = Sampler(val_data.tokens, cfg.block_size, cfg.micro_batch, 1, rank, world,
-                          cfg.seed).fixed_batches(1, cfg.eval_batches)
-    train_eval_batches = sampler.fixed_batches(2, cfg.eval_batches)
-    amp = autocast_dtype(cfg, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
-    tokens_per_step = cfg.block_size * cfg.micro_batch * cfg.grad_accum * world
-    flops_per_token = model_cfg.flops_per_token(cfg.block_size)
-    peak = peak_flops(cfg, device)
-    peak_total = peak * world if peak else None
-
-    def total_steps() -> int | None:
-        if cfg.max_steps is not None:
-            return cfg.max_steps
-        if cfg.max_tokens is not None:
-            return math.ceil(cfg.max_tokens / tokens_per_step)
-        return state["total_steps"]  # time budget: re-estimated from measured step times
-
-    def to_device(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if device.type == "cuda":
-            batch = batch.pin_memory().to(device, non_blocking=True)
-        return batch[:, :-1], batch[:, 1:]
-
-    # the evaluation batches never change: move them to the device once
-    val_batches = [to_device(b) for b in val_batches]
-    train_eval_batches = [to_device(b) for b in train_eval_batches]
-
-    @torch.no_grad()
-    def evaluate(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        model.eval()
-        total = torch.zeros(2, device=device, dtype=torch.float64)
-        for x, y in batches:
-            with autocast():
-                _, loss = eval_model(x, y, return_logits=False)
-            total += torch.stack([loss.double(), torch.ones((), device=device, dtype=torch.float64)])
-        if world > 1:
-            dist.all_reduce(total)
-        model.train()
-        return (total[0] / total[1]).item()
-
-    # -- metrics, plots, W&B (rank 0)
-    metrics_path = out / "metrics.jsonl"
-    records: list[dict] = []
-    if master and metrics_path.exists():
-        # keep what the resumed checkpoint had logged; later lines belong to the lost future
-        lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        records = [r for r in lines if r["step"] <= state["step"]] if ckpt is not None else []
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
-    wandb_run = None
-    if master and cfg.wandb:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--wandb needs the wandb package (pip install 'tinygemma[wandb]')") from None
-        wandb_run = wandb.init(project=cfg.wandb_project, config=run_config, name=out.name, resume="allow")
-
-    def log(record: dict) -> None:
-        records.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if wandb_run is not None:
-            wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
-
-    hardware = (f"{world} x {torch.cuda.get_device_name(device)}" if device.type == "cuda"
-                else f"{world} x CPU ({os.cpu_count()} cores)")
-    last_eval: dict[str, Any] = {"val_loss": None, "samples": []}
-
-    def save(name: str) -> Path:
-        card = {"name": out.name, "step": state["step"], "tokens_seen": state["tokens"], "recipe": recipe,
-                "hardware": hardware, "training_time_s": state["train_time_s"], "train_config": to_dict(cfg),
-                "val_loss": state["best_val_loss"] if name == "best" else last_eval["val_loss"],
-                "val_tokens": cfg.eval_batches * cfg.micro_batch * cfg.block_size * world,
-                "samples": last_eval["samples"]}
-        trainer_state = {**state, "schedule": {"lr": lr_at(cfg, state["step"], total_steps()),
-                                               "total_steps": total_steps(), "tokens_per_step": tokens_per_step},
-                         "sampler": {**sampler.state(), "next_step": state["step"]}}
-        path = write_checkpoint(out / name, model, optimizer, trainer_state, run_config, card)
-        if name.startswith("checkpoint-"):
-            for _, old in checkpoints(out)[:-cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        return path
-
-    def last_good() -> str:
-        found = checkpoints(out)
-        return str(found[-1][1]) if found else "none"
-
-    # -- the loop
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps(), initial=state["step"], disable=not (master and cfg.progress),
-               dynamic_ncols=True, unit="step")
-    save_interval = cfg.save_interval or cfg.eval_interval
-    start_wall = time.perf_counter() - state["elapsed_s"]
-    steps_here, first_end = 0, 0.0  # steps run by this process; when its first step ended
-    window_tokens, window_s = 0, 0.0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with Stop() as stop:
-        while True:
-            total = total_steps()
-            if total is not None and state["step"] >= total:
-                break
-            if cfg.time_budget is not None and time.perf_counter() - start_wall >= cfg.time_budget * 60:
-                break
-            step = state["step"]
-            t0 = time.perf_counter()
-            lr = lr_at(cfg, step, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = [to_device(b) for b in sampler.step_batches(step)]
-            mean_loss, grad_norm = forward_backward(step_model, model, batches, autocast, cfg.grad_clip)
-            shared = torch.stack([mean_loss, torch.tensor(float(stop.requested), device=device)])
-            if world > 1:
-                dist.all_reduce(shared)
-                shared[0] /= world
-            (train_loss, stop_votes), norm = shared.tolist(), grad_norm.item()  # one host sync for both
-            finite = math.isfinite(train_loss) and math.isfinite(norm)
-            if finite:
-                optimizer.step()
-            elif cfg.nonfinite == "skip":
-                state["skipped_steps"] += 1
-                if master:
-                    print(f"step {step + 1}: non-finite loss ({train_loss}) or grad norm ({norm}); step skipped",
-                          file=sys.stderr)
-            else:
-                what = "gradient norm" if math.isfinite(train_loss) else "loss"
-                raise UserError(f"step {step + 1}: non-finite {what} (loss {train_loss}, grad norm {norm}); stopped "
-                                f"(last good checkpoint: {last_good()}; lower lr or set nonfinite=skip)")
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            state["step"] = step = step + 1
-            state["tokens"] += tokens_per_step
-            state["train_time_s"] += dt
-            window_tokens, window_s = window_tokens + tokens_per_step, window_s + dt
-            steps_here += 1
-            if cfg.time_budget is not None:
-                # wall time per step, evaluations and checkpoints included; the first step (compilation) left out
-                now = time.perf_counter() - start_wall
-                first_end = now if steps_here == 1 else first_end
-                timing = torch.tensor([now, (now - first_end) / (steps_here - 1) if steps_here > 1 else dt],
-                                      dtype=torch.float64, device=device)
-                if world > 1:  # ranks must agree on the estimated total
-                    dist.all_reduce(timing, op=dist.ReduceOp.MAX)
-                now, per_step = timing.tolist()
-                state["total_steps"] = step + int(max(0.0, cfg.time_budget * 60 - now) / per_step)
-                bar.total = state["total_steps"]
-
-            total = total_steps()
-            done = step >= total
-            is_eval = step % cfg.eval_interval == 0 or done
-            record = None
-            if step % cfg.log_interval == 0 or is_eval:
-                tps = window_tokens / window_s
-                record = {"step": step, "tokens": state["tokens"], "train_loss": train_loss if finite else None,
-                          "lr": lr, "grad_norm": norm if finite else None, "tokens_per_s": tps,
-                          "mfu": tps * flops_per_token / peak_total if peak_total else None,
-                          "peak_mem_mb": peak_memory_mb(device)}
-                window_tokens, window_s = 0, 0.0
-            if is_eval:
-                record["val_loss"] = last_eval["val_loss"] = evaluate(val_batches)
-                record["eval_train_loss"] = evaluate(train_eval_batches)
-                if cfg.samples and master:
-                    last_eval["samples"] = write_samples(model, out, step, cfg.seed)
-            state["elapsed_s"] = time.perf_counter() - start_wall
-            if record is not None:
-                record["elapsed_s"] = state["elapsed_s"]
-            if master:
-                if record is not None:
-                    log(record)
-                bar.update(1)
-                tps = tokens_per_step / dt
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
-                                mfu=f"{tps * flops_per_token / peak_total:.1%}" if peak_total else "-")
-            best = is_eval and (state["best_val_loss"] is None or record["val_loss"] < state["best_val_loss"])
-            if best:
-                state["best_val_loss"], state["best_step"] = record["val_loss"], step
-            stopping = stop_votes > 0
-            if master:
-                if best:
-                    save("best")
-                if step % save_interval == 0 or done or stopping:
-                    save(f"checkpoint-{step}")
-                if is_eval:
-                    write_plots(records, out)
-            if world > 1 and (is_eval or step % save_interval == 0 or done or stopping):
-                dist.barrier()  # nobody reads a checkpoint before rank 0 finished it
-            if stopping:
-                break
-    bar.close()
-    if master:
-        status = "stopped by signal" if stop.requested else "done"
-        best_text = f", best val loss {state['best_val_loss']:.4f} at step {state['best_step']}" \
-            if state["best_val_loss"] is not None else ""
-        print(f"{status}: step {state['step']}, {state['tokens']:,} tokens{best_text}; checkpoints in {out}")
-    if wandb_run is not None:
-        wandb_run.finish()
-    if world > 1:
-        dist.destroy_process_group()
-    return state
-
-
-# -- command line ---------------------------------------------------------------------------------------
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="pre-train a model on prepared data",
-                              description="Pre-train a Gemma 3 preset; flags override the recipe, --set KEY=VALUE "
-                                          "sets any TrainConfig field.")
-    p.add_argument("--recipe", default=None, help="default | tutorial | a JSON file (default: default)")
-    p.add_argument("--resume", default=None, metavar="auto|CKPT", help="continue the latest checkpoint in --out "
-                                                                        "(auto) or a given checkpoint folder")
-    p.add_argument("--force", action="store_true", help="start over in an --out that holds another run")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field (repeatable), e.g. --set lr=3e-4")
-    add_dataclass_args(p, TrainConfig)
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    if args.resume and args.force:
-        raise UserError("--resume and --force contradict each other")
-    overrides = {**dataclass_overrides(args, TrainConfig), **parse_sets(args.sets)}
-    recipe = args.recipe
-    if args.resume:
-        out = Path(overrides.get("out", TrainConfig.out))
-        ckpt = None
-        if args.resume == "auto":
-            ckpt = latest_checkpoint(out, tidy=_dist_env()[0] == 0)
-        else:
-            ckpt = Path(args.resume)
-        if ckpt is not None:
-            _, saved = read_checkpoint_meta(ckpt)
-            base = saved["train"]
-            cfg = resolve_config(base, overrides)
-            changed = sorted(k for k in overrides if k not in RESUMABLE_KEYS and overrides[k] != base.get(k))
-            if changed:
-                raise UserError(f"cannot change {', '.join(changed)} when resuming {ckpt}")
-            train(cfg, resume=str(ckpt), recipe=recipe if recipe is not None else saved.get("recipe"))
-            return 0
-    recipe = recipe or "default"
-    cfg = resolve_config(load_recipe(recipe), overrides)
-    train(cfg, resume=args.resume, force=args.force, recipe=recipe)
-    return 0

@@ -1,0 +1,521 @@
+"""``tinygemma train``: the :class:`Trainer`, whose phases run the pieces of :mod:`tinygemma.train`.
+
+    trainer = Trainer({"data": "data/tinystories", "out": "runs/x", "model": "small"}, resume="auto")
+    state = trainer.fit()
+
+``fit`` is the loop; each phase is a method: setup (claim the run folder, resolve the config, data, model,
+optimizer, logging), resume, ``train_step``, ``update_budget``, ``evaluate``, ``log``, ``checkpoint``, close.
+Everything the loop carries from step to step is in :class:`TrainState` (saved in every checkpoint) and
+:class:`Clock` (this process's timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tinygemma import run
+from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict, to_dict
+from tinygemma.data import TokenDataset
+from tinygemma.model import Gemma3, load_model_config
+from tinygemma.plots import write_plots
+from tinygemma.train import (
+    RESUMABLE_KEYS,
+    Sampler,
+    Stop,
+    TrainConfig,
+    autocast_dtype,
+    forward_backward,
+    load_recipe,
+    load_torch,
+    lr_at,
+    make_optimizer,
+    parse_sets,
+    peak_flops,
+    peak_memory_mb,
+    pick_device,
+    resolve_config,
+    set_rng_states,
+    write_checkpoint,
+    write_samples,
+)
+
+
+@dataclass
+class TrainState:
+    """What the loop carries from step to step; ``trainer_state.json`` of every checkpoint."""
+
+    step: int = 0  # optimizer steps done (the schedule's and the sampler's position)
+    tokens: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    skipped_steps: int = 0
+    elapsed_s: float = 0.0  # wall time of the run, evaluations and checkpoints included
+    train_time_s: float = 0.0  # time in training steps only
+    total_steps: int | None = None  # the schedule's length (a time budget re-estimates it as it goes)
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any], where: str) -> TrainState:
+        return from_dict(cls, {f.name: saved[f.name] for f in fields(cls) if f.name in saved}, where)
+
+
+@dataclass
+class Clock:
+    """This process's timings: the run's wall clock, the throughput window and the time-budget estimate."""
+
+    start: float = 0.0  # perf_counter() at which the run's elapsed time was 0
+    steps_here: int = 0  # steps run by this process (a resumed run starts at 0)
+    first_end: float = 0.0  # when its first step ended (that step compiles, so the budget leaves it out)
+    window_tokens: int = 0
+    window_s: float = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    seconds: float
+    finite: bool
+    stop: bool  # a rank was asked to stop (SIGINT/SIGTERM)
+
+
+def _dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+class Trainer:
+    """Train one run. ``overrides`` are TrainConfig fields on top of ``recipe`` (a new run) or of the resumed
+    checkpoint's config; ``resume`` is ``"auto"`` (the newest checkpoint in ``out``) or a checkpoint folder."""
+
+    def __init__(self, overrides: dict[str, Any], *, recipe: str | None = None, resume: str | None = None,
+                 force: bool = False):
+        if resume and force:
+            raise UserError("--resume and --force contradict each other")
+        self.rank, self.world, self.local_rank = _dist_env()
+        self.master = self.rank == 0
+        self._exit = ExitStack()  # the run folder's lock, W&B
+        self._locked = False
+        try:
+            self.out = Path(overrides.get("out", TrainConfig.out))
+            self.ckpt = self._find_checkpoint(resume)
+            self.cfg, self.recipe, self.state = self._resolve(overrides, recipe)
+            self.setup(resume, force)
+            if self.ckpt is not None:
+                self.resume()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- setup ------------------------------------------------------------------------------------------
+    def _find_checkpoint(self, resume: str | None) -> Path | None:
+        if resume != "auto":
+            return Path(resume) if resume else None
+        if not self.out.is_dir():
+            return None
+        if self.master:
+            self._lock()
+        return run.latest_checkpoint(self.out)
+
+    def _lock(self) -> None:
+        """One trainer per run folder; then tidy what a crash left (under the lock: another trainer's temp
+        folders are not ours to tidy)."""
+        self._exit.enter_context(run.lock(self.out))
+        self._locked = True
+        run.recover(self.out)
+
+    def _resolve(self, overrides: dict[str, Any], recipe: str | None) -> tuple[TrainConfig, str, TrainState]:
+        """The config (recipe or checkpoint, then overrides), the recipe's name and the starting state."""
+        if self.ckpt is None:
+            recipe = recipe or "default"
+            return resolve_config(load_recipe(recipe), overrides), recipe, TrainState()
+        saved_state, saved = run.read_checkpoint_meta(self.ckpt)
+        if recipe is not None and recipe != saved.get("recipe"):
+            raise UserError(f"--recipe {recipe} differs from the checkpoint's ({saved.get('recipe')})")
+        base = saved["train"]
+        changed = sorted(k for k in overrides if k not in RESUMABLE_KEYS and overrides[k] != base.get(k))
+        if changed:
+            raise UserError(f"cannot change {', '.join(changed)} when resuming {self.ckpt}")
+        state = TrainState.from_checkpoint(saved_state, str(self.ckpt / run.TRAINER_STATE))
+        return resolve_config(base, overrides), saved.get("recipe"), state
+
+    def setup(self, resume: str | None, force: bool) -> None:
+        cfg = self.cfg
+        self.device = pick_device(cfg, self.local_rank)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.model_cfg = load_model_config(cfg.model)
+        if cfg.block_size > self.model_cfg.context_length:
+            raise UserError(f"block_size {cfg.block_size} exceeds the model's context length "
+                            f"{self.model_cfg.context_length}")
+        self._setup_data()
+        if self.master:
+            self._claim_out(resume, force)
+        self._setup_model()
+        self._setup_logging()
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        train_data = TokenDataset(cfg.data, "train", vocab_size=self.model_cfg.vocab_size)
+        val_data = TokenDataset(cfg.data, "val", vocab_size=self.model_cfg.vocab_size)
+        for ds in (train_data, val_data):
+            if len(ds) <= cfg.block_size:
+                raise UserError(f"block_size {cfg.block_size} needs more than {len(ds)} tokens ({ds.path})")
+        self.run_config = {"train": to_dict(cfg), "model": to_dict(self.model_cfg), "recipe": self.recipe,
+                           "world_size": self.world,
+                           "data_meta": {s: train_data.meta["splits"][s]["sha256"] for s in train_data.meta["splits"]}}
+        self.sampler = Sampler(train_data.tokens, cfg.block_size, cfg.micro_batch, cfg.grad_accum, self.rank,
+                               self.world, cfg.seed)
+        # the evaluation batches never change: move them to the device once
+        val_sampler = Sampler(val_data.tokens, cfg.block_size, cfg.micro_batch, 1, self.rank, self.world, cfg.seed)
+        self.val_batches = [self.to_device(b) for b in val_sampler.fixed_batches(1, cfg.eval_batches)]
+        self.train_eval_batches = [self.to_device(b) for b in self.sampler.fixed_batches(2, cfg.eval_batches)]
+
+    def _claim_out(self, resume: str | None, force: bool) -> None:
+        """Refuse to mix two runs in one folder (or, with --force, clear the old one); lock it; write the config."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out}: exists and is not a folder")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UserError(f"--out {out}: the run folder is not writable")
+        if not self._locked:  # (--resume auto took it already)
+            self._lock()
+        if self.ckpt is None:
+            self._check_new_run(resume, force)
+        run.write_run_config(out, self.run_config)
+        print("resolved config:\n" + json.dumps(self.run_config, indent=2), flush=True)
+
+    def _check_new_run(self, resume: str | None, force: bool) -> None:
+        out = self.out
+        if force:
+            run.clear(out)
+            return
+        previous = run.read_run_config(out)
+        if previous is None:
+            if resume == "auto" and self.master:
+                print(f"--resume auto: no checkpoint in {out}, starting a new run", file=sys.stderr)
+            return
+        if resume == "auto":
+            raise UserError(f"--resume auto: {out} holds a run but no complete checkpoint to resume; "
+                            "use --force to start over or another --out")
+        now, before = to_dict(self.cfg), previous["train"]
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if changed:
+            raise UserError(f"{out} holds another run (its config differs in {', '.join(changed[:4])}); "
+                            f"use --resume auto, --force or another --out")
+        raise UserError(f"{out} already holds this run; use --resume auto to continue or --force to start over")
+
+    def _setup_model(self) -> None:
+        cfg, device = self.cfg, self.device
+        torch.manual_seed(cfg.seed)
+        if self.ckpt is not None:
+            self.model = Gemma3.from_pretrained(self.ckpt)
+            if self.model.config != self.model_cfg:
+                raise UserError(f"{self.ckpt}: the checkpoint's model differs from --model {cfg.model}")
+        else:
+            self.model = Gemma3(self.model_cfg)
+        self.model.to(device)
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+        self.eval_model = torch.compile(self.model) if use_compile else self.model
+        self.step_model = self.eval_model
+        if self.world > 1:
+            self.step_model = torch.nn.parallel.DistributedDataParallel(
+                self.eval_model, device_ids=[self.local_rank] if device.type == "cuda" else None)
+        amp = autocast_dtype(cfg, device)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+        self.tokens_per_step = cfg.block_size * cfg.micro_batch * cfg.grad_accum * self.world
+        self.flops_per_token = self.model_cfg.flops_per_token(cfg.block_size)
+        peak = peak_flops(cfg, device)
+        self.peak_total = peak * self.world if peak else None
+        self.hardware = (f"{self.world} x {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+                         else f"{self.world} x CPU ({os.cpu_count()} cores)")
+
+    def _setup_logging(self) -> None:
+        self.metrics = run.Metrics(self.out)
+        self.records: list[dict] = []
+        self.last_eval: dict[str, Any] = {"val_loss": None, "samples": []}
+        self.wandb_run = None
+        if not self.master:
+            return
+        # keep what the resumed checkpoint had logged; later lines belong to the lost future
+        if self.ckpt is not None:
+            self.records = self.metrics.keep_until(self.state.step)
+        else:
+            self.metrics.clear()
+        if self.cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb needs the wandb package (pip install 'tinygemma[wandb]')") from None
+            self.wandb_run = wandb.init(project=self.cfg.wandb_project, config=self.run_config, name=self.out.name,
+                                        resume="allow")
+            self._exit.callback(self.wandb_run.finish)
+
+    def resume(self) -> None:
+        """Continue exactly where the checkpoint stopped: optimizer moments and every RNG."""
+        try:
+            self.optimizer.load_state_dict(load_torch(self.ckpt / "optimizer.pt", self.device))
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{self.ckpt / 'optimizer.pt'}: does not fit this model ({e})") from None
+        set_rng_states(load_torch(self.ckpt / "rng_state.pt", torch.device("cpu")))
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def fit(self) -> TrainState:
+        """Train until the budget is spent or a signal asks to stop; returns the final state."""
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total_steps(), initial=self.state.step, disable=not (self.master and
+                        self.cfg.progress), dynamic_ncols=True, unit="step")
+        self.clock = Clock(start=time.perf_counter() - self.state.elapsed_s)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            with Stop() as stop:
+                while not self.finished():
+                    result = self.train_step(stop.requested)
+                    self.update_budget(result)
+                    record = self.record(result)
+                    if self.is_eval_step():
+                        record.update(self.evaluate())
+                    self.state.elapsed_s = self.clock.elapsed()
+                    self.log(result, record)
+                    self.checkpoint(stopping=result.stop)
+                    if result.stop:
+                        break
+            self._say_done(stop.requested)
+        finally:
+            self.close()
+        return self.state
+
+    def total_steps(self) -> int | None:
+        cfg = self.cfg
+        if cfg.max_steps is not None:
+            return cfg.max_steps
+        if cfg.max_tokens is not None:
+            return math.ceil(cfg.max_tokens / self.tokens_per_step)
+        return self.state.total_steps  # time budget: re-estimated from measured step times
+
+    def finished(self) -> bool:
+        total = self.total_steps()
+        if total is not None and self.state.step >= total:
+            return True
+        return self.cfg.time_budget is not None and self.clock.elapsed() >= self.cfg.time_budget * 60
+
+    def is_eval_step(self) -> bool:
+        return self.state.step % self.cfg.eval_interval == 0 or self.state.step >= self.total_steps()
+
+    def to_device(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return batch[:, :-1], batch[:, 1:]
+
+    def train_step(self, stop_requested: bool = False) -> StepResult:
+        """One optimizer step: batches of this step, forward/backward, the ranks' vote on stopping, the update."""
+        cfg, step, device = self.cfg, self.state.step, self.device
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, step, self.total_steps())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [self.to_device(b) for b in self.sampler.step_batches(step)]
+        mean_loss, grad_norm = forward_backward(self.step_model, self.model, batches, self.autocast, cfg.grad_clip)
+        shared = torch.stack([mean_loss, torch.tensor(float(stop_requested), device=device)])
+        if self.world > 1:
+            dist.all_reduce(shared)
+            shared[0] /= self.world
+        (loss, stop_votes), norm = shared.tolist(), grad_norm.item()  # one host sync for both
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        if finite:
+            self.optimizer.step()
+        else:
+            self._nonfinite(step, loss, norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        self.state.step += 1
+        self.state.tokens += self.tokens_per_step
+        self.state.train_time_s += dt
+        return StepResult(loss, norm, lr, dt, finite, stop_votes > 0)
+
+    def _nonfinite(self, step: int, loss: float, norm: float) -> None:
+        if self.cfg.nonfinite == "stop":
+            what = "gradient norm" if math.isfinite(loss) else "loss"
+            raise UserError(f"step {step + 1}: non-finite {what} (loss {loss}, grad norm {norm}); stopped "
+                            f"(last good checkpoint: {self.last_good()}; lower lr or set nonfinite=skip)")
+        self.state.skipped_steps += 1
+        if self.master:
+            print(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({norm}); step skipped", file=sys.stderr)
+
+    def last_good(self) -> str:
+        found = run.checkpoints(self.out)
+        return str(found[-1][1]) if found else "none"
+
+    def update_budget(self, result: StepResult) -> None:
+        """Count the step's time; under a time budget, re-fit the schedule's length to the time left."""
+        clock = self.clock
+        clock.window_tokens += self.tokens_per_step
+        clock.window_s += result.seconds
+        clock.steps_here += 1
+        if self.cfg.time_budget is None:
+            return
+        # wall time per step, evaluations and checkpoints included; the first step (compilation) left out
+        now = clock.elapsed()
+        if clock.steps_here == 1:
+            clock.first_end = now
+        per_step = (now - clock.first_end) / (clock.steps_here - 1) if clock.steps_here > 1 else result.seconds
+        timing = torch.tensor([now, per_step], dtype=torch.float64, device=self.device)
+        if self.world > 1:  # ranks must agree on the estimated total
+            dist.all_reduce(timing, op=dist.ReduceOp.MAX)
+        now, per_step = timing.tolist()
+        self.state.total_steps = self.state.step + int(max(0.0, self.cfg.time_budget * 60 - now) / per_step)
+        self.bar.total = self.state.total_steps
+
+    def record(self, result: StepResult) -> dict[str, Any] | None:
+        """The metrics line of this step (None between logging intervals); opens a new throughput window."""
+        step, clock = self.state.step, self.clock
+        if step % self.cfg.log_interval != 0 and not self.is_eval_step():
+            return None
+        tps = clock.window_tokens / clock.window_s
+        clock.window_tokens, clock.window_s = 0, 0.0
+        return {"step": step, "tokens": self.state.tokens, "train_loss": result.loss if result.finite else None,
+                "lr": result.lr, "grad_norm": result.grad_norm if result.finite else None, "tokens_per_s": tps,
+                "mfu": tps * self.flops_per_token / self.peak_total if self.peak_total else None,
+                "peak_mem_mb": peak_memory_mb(self.device)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss on the fixed validation and training batches (all ranks), the samples report (rank 0)."""
+        out = {"val_loss": self._mean_loss(self.val_batches),
+               "eval_train_loss": self._mean_loss(self.train_eval_batches)}
+        self.last_eval["val_loss"] = out["val_loss"]
+        if self.cfg.samples and self.master:
+            self.last_eval["samples"] = write_samples(self.model, self.out, self.state.step, self.cfg.seed)
+        return out
+
+    def _mean_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        self.model.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for x, y in batches:
+            with self.autocast():
+                _, loss = self.eval_model(x, y, return_logits=False)
+            total += torch.stack([loss.double(), torch.ones((), device=self.device, dtype=torch.float64)])
+        if self.world > 1:
+            dist.all_reduce(total)
+        self.model.train()
+        return (total[0] / total[1]).item()
+
+    def log(self, result: StepResult, record: dict[str, Any] | None) -> None:
+        """metrics.jsonl (+ W&B) and the progress bar, on rank 0."""
+        if record is not None:
+            record["elapsed_s"] = self.state.elapsed_s
+        if not self.master:
+            return
+        if record is not None:
+            self.records.append(record)
+            self.metrics.append(record)
+            if self.wandb_run is not None:
+                self.wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
+        self.bar.update(1)
+        tps = self.tokens_per_step / result.seconds
+        self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tps:,.0f}",
+                             mfu=f"{tps * self.flops_per_token / self.peak_total:.1%}" if self.peak_total else "-")
+
+    def checkpoint(self, stopping: bool = False) -> None:
+        """After a step: ``best/`` on a new best validation loss, ``checkpoint-STEP`` every save interval, at
+        the end and when stopping; plots after evaluations. Other ranks wait until rank 0 is done."""
+        state, cfg = self.state, self.cfg
+        is_eval = self.is_eval_step()
+        val = self.last_eval["val_loss"] if is_eval else None
+        best = is_eval and (state.best_val_loss is None or val < state.best_val_loss)
+        if best:
+            state.best_val_loss, state.best_step = val, state.step
+        save = (state.step % (cfg.save_interval or cfg.eval_interval) == 0 or state.step >= self.total_steps()
+                or stopping)
+        if self.master:
+            if best:
+                self.save(run.BEST)
+            if save:
+                self.save(run.checkpoint_dir(self.out, state.step).name)
+                run.prune(self.out, cfg.keep_last)
+            if is_eval:
+                write_plots(self.records, self.out)
+        if self.world > 1 and (is_eval or save):
+            dist.barrier()  # nobody reads a checkpoint before rank 0 finished it
+
+    def save(self, name: str) -> Path:
+        state, cfg = self.state, self.cfg
+        card = {"name": self.out.name, "step": state.step, "tokens_seen": state.tokens, "recipe": self.recipe,
+                "hardware": self.hardware, "training_time_s": state.train_time_s, "train_config": to_dict(cfg),
+                "val_loss": state.best_val_loss if name == run.BEST else self.last_eval["val_loss"],
+                "val_tokens": cfg.eval_batches * cfg.micro_batch * cfg.block_size * self.world,
+                "samples": self.last_eval["samples"]}
+        trainer_state = {**asdict(state),
+                         "schedule": {"lr": lr_at(cfg, state.step, self.total_steps()),
+                                      "total_steps": self.total_steps(), "tokens_per_step": self.tokens_per_step},
+                         "sampler": {**self.sampler.state(), "next_step": state.step}}
+        return write_checkpoint(self.out / name, self.model, self.optimizer, trainer_state, self.run_config, card)
+
+    def _say_done(self, signalled: bool) -> None:
+        if not self.master:
+            return
+        s = self.state
+        best = f", best val loss {s.best_val_loss:.4f} at step {s.best_step}" if s.best_val_loss is not None else ""
+        print(f"{'stopped by signal' if signalled else 'done'}: step {s.step}, {s.tokens:,} tokens{best}; "
+              f"checkpoints in {self.out}")
+
+    def close(self) -> None:
+        """Release the run folder and W&B; leave the process group (idempotent)."""
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+        self._exit.close()
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, recipe: str | None = None) -> TrainState:
+    """Run training with a complete config; returns the final state. Works alone or under torchrun (DDP)."""
+    return Trainer(to_dict(cfg), recipe=recipe, resume=resume, force=force).fit()
+
+
+# -- command line ---------------------------------------------------------------------------------------
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="pre-train a model on prepared data",
+                              description="Pre-train a Gemma 3 preset; flags override the recipe, --set KEY=VALUE "
+                                          "sets any TrainConfig field.")
+    p.add_argument("--recipe", default=None, help="default | tutorial | a JSON file (default: default)")
+    p.add_argument("--resume", default=None, metavar="auto|CKPT", help="continue the latest checkpoint in --out "
+                                                                        "(auto) or a given checkpoint folder")
+    p.add_argument("--force", action="store_true", help="start over in an --out that holds another run")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field (repeatable), e.g. --set lr=3e-4")
+    add_dataclass_args(p, TrainConfig)
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    overrides = {**dataclass_overrides(args, TrainConfig), **parse_sets(args.sets)}
+    Trainer(overrides, recipe=args.recipe, resume=args.resume, force=args.force).fit()
+    return 0
+
