@@ -105,6 +105,7 @@ def test_no_fix_text_keeps_the_bytes(small_dir, tmp_path, tokenizer):
     assert tokenizer.decode(TokenDataset(tmp_path / "o", "val").tokens.tolist()).startswith("Benâ€™s boat.")
 
 
+@pytest.mark.slow
 def test_workers_give_identical_files(prepared, sample_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "BATCH_BYTES", 50_000)  # many tasks, shared between the pool and this process
     for workers in (2, 3):
@@ -266,6 +267,7 @@ def test_rerun_is_a_noop_unless_force_or_changed(small_dir, tmp_path, capsys):
         "stories"] == 5
 
 
+@pytest.mark.slow
 def test_killed_mid_way_then_rerun_is_byte_identical(sample_dir, tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_script_runs_end_to_end(tmp_path, sample_dir):
     tinygemma = tmp_path / "tinygemma"  # this interpreter's tinygemma, wherever the venv is
     tinygemma.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m tinygemma "$@"\n')

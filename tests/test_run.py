@@ -64,6 +64,7 @@ def test_prune_deletes_atomically_and_recover_tidies(run_copy):
     assert sorted(p.name for p in run_copy.glob("*checkpoint-*")) == ["checkpoint-20"]
 
 
+@pytest.mark.slow
 def test_kill_while_pruning_leaves_only_complete_checkpoints(data_dir, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "tinygemma", "train", "--data", str(data_dir), "--out", str(out), *TRAIN,
@@ -75,6 +76,7 @@ def test_kill_while_pruning_leaves_only_complete_checkpoints(data_dir, tmp_path)
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["best", "checkpoint-3"]
 
 
+@pytest.mark.slow
 def test_resume_auto_from_best_alone(run_copy, data_dir):
     for _, path in run.checkpoints(run_copy):
         shutil.rmtree(path)
@@ -120,6 +122,7 @@ def test_lock_of_a_killed_trainer_is_not_stale(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_half_written_metrics_line_is_dropped_on_resume(run_copy, data_dir, capsys):
     with open(run_copy / run.METRICS, "a") as f:
         f.write('{"step": 21, "train_lo')

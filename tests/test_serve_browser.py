@@ -64,6 +64,7 @@ def run_dir(tmp_path):
     return run
 
 
+@pytest.mark.slow
 def test_story_streams_in_the_browser(browser, run_dir, tokenizer, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -182,6 +182,7 @@ def _assert_same_run(out: Path, reference: Path) -> None:
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_bit_exact(data_dir, tmp_path, reference_run):
     proc = _start(data_dir, tmp_path, *RESUME_RUN)
     _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 4, proc)
@@ -193,6 +194,7 @@ def test_sigterm_then_resume_is_bit_exact(data_dir, tmp_path, reference_run):
     _assert_same_run(tmp_path, reference_run)
 
 
+@pytest.mark.slow
 def test_sigkill_after_checkpoint_then_resume_is_bit_exact(data_dir, tmp_path, reference_run):
     proc = _start(data_dir, tmp_path, *RESUME_RUN)
     _wait_for(lambda: (tmp_path / "checkpoint-8").is_dir(), proc)
@@ -203,6 +205,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_exact(data_dir, tmp_path, r
     _assert_same_run(tmp_path, reference_run)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_one_big_batch(data_dir, tmp_path):
     # eps 1e-3 keeps Adam's update a smooth function of the gradient, so float noise stays float noise
     common = ["--data", str(data_dir), *BASE, "--max-steps", "3", "--eval-interval", "3", "--eps", "1e-3"]
@@ -223,6 +226,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
     steps = ["--max-steps", "6", "--eval-interval", "3"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
@@ -243,6 +247,7 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
     assert json.loads((tmp_path / "ddp" / "run_config.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_time_budget_fits_the_schedule_and_stops(data_dir, tmp_path):
     assert run_cli("--data", str(data_dir), "--out", str(tmp_path), *BASE, "--time-budget", "0.1",
                    "--warmup-steps", "1", "--eval-interval", "1000") == 0
@@ -257,6 +262,7 @@ def test_time_budget_fits_the_schedule_and_stops(data_dir, tmp_path):
 
 
 # -- non-finite values -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_nonfinite_values_stop_and_keep_last_checkpoint(data_dir, tmp_path, capsys):
     # LR 1e30 blows the weights up in the first step; the second step's gradients are NaN
     args = ["--data", str(data_dir), "--out", str(tmp_path), *BASE, "--max-steps", "4", "--save-interval", "1",
