@@ -249,3 +249,61 @@ def test_masked_loss_equals_direct_computation(tmp_path, raw):
             n += int(keep.sum())
     assert count == n == int(sum(ds.record(k)[1].sum() for k in range(2)))
     assert loss == pytest.approx(total / n, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def derived_dir(tmp_path_factory, sample_dir):
+    out = tmp_path_factory.mktemp("derived")
+    prepare_instruct(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=6, workers=1),
+                     InstructOptions(derive_instructions=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from tinygemma.model import Gemma3, load_model_config
+
+    torch.manual_seed(0)
+    return Gemma3(load_model_config("tiny")).save_pretrained(tmp_path_factory.mktemp("ckpt"))
+
+
+def test_evaluate_instructions(tiny_ckpt, derived_dir, tokenizer, tmp_path, capsys):
+    from tinygemma.generate import SamplingConfig, generate_rows, load_checkpoint
+    from tinygemma.instruct import evaluate_instructions
+
+    model = load_checkpoint(tiny_ckpt)
+    sampling = SamplingConfig(max_new_tokens=24, seed=5)
+    res = evaluate_instructions(model, tokenizer, derived_dir, n=4, sampling=sampling, batch_size=2,
+                                out=tmp_path / "instruct_eval.json")
+    assert json.loads((tmp_path / "instruct_eval.json").read_text()) == json.loads(json.dumps(res))
+    records = read_records(derived_dir)[:4]
+    # the stories are those of the records' prompts, seeded per batch of 2
+    first, _ = generate_rows(model, [[50256] + tokenizer.encode(r.prompt()) for r in records[:2]],
+                             SamplingConfig(max_new_tokens=24, seed=5))
+    assert [s["story"] for s in res["samples"][:2]] == [tokenizer.decode(ids) for ids in first]
+    checks = [check_story(r, s["story"]) for r, s in zip(records, res["samples"], strict=True)]
+    words = [c["words"] for c in checks if "words" in c]
+    assert res["constraints"]["words"]["n"] == len(words) and res["constraints"]["words"]["satisfied"] == sum(words)
+    assert res["overall"]["n"] == sum(bool(c) for c in checks)
+    loss, count = masked_loss(model, InstructDataset(derived_dir, "val"), np.arange(4))
+    assert res["story_loss"] == pytest.approx(loss) and res["story_tokens"] == count
+    # the CLI calls the same function and prints one line per measure
+    assert main(["eval", str(tiny_ckpt), "--instruct", str(derived_dir), "--records", "3",
+                 "--instruct-max-new-tokens", "16", "--report", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    assert "overall" in out and "story loss" in out and json.loads((tmp_path / "e.json").read_text())["records"] == 3
+    assert main(["samples", str(tiny_ckpt), "--out", str(tmp_path / "s.md"), "--max-new-tokens", "8",
+                 "--instruct", str(derived_dir), "--records", "2", "--instruct-max-new-tokens", "8"]) == 0
+    md = (tmp_path / "s.md").read_text()
+    assert "## Instructions" in md and "### Record 2" in md and "Instructions</h2>" in (tmp_path / "s.html").read_text()
+
+
+def test_generate_with_instructions(tiny_ckpt, tokenizer, capsys):
+    from tinygemma.generate import SamplingConfig, generate_text, load_checkpoint
+
+    assert main(["generate", str(tiny_ckpt), "--words", "frog, jump,shiny", "--features", "dialogue",
+                 "--sentence", "The frog  was happy.", "--prompt", "Once", "--greedy", "--max-new-tokens", "6"]) == 0
+    prompt = ("Features: Dialogue\nWords: frog, jump, shiny\nRandom sentence: The frog was happy.\nStory: \n\nOnce")
+    expected = generate_text(load_checkpoint(tiny_ckpt), tokenizer, [prompt], SamplingConfig(max_new_tokens=6,
+                                                                                           greedy=True))[0]
+    assert capsys.readouterr().out == prompt + expected + "\n"

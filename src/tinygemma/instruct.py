@@ -24,6 +24,7 @@ import argparse
 import collections
 import functools
 import hashlib
+import html
 import json
 import math
 import os
@@ -650,3 +651,61 @@ def prepare_from_args(cfg: data.PrepareConfig, opts: InstructOptions, given: dic
     if "out" not in given:
         cfg = replace(cfg, out="data/tinystories-derived" if opts.derive_instructions else "data/tinystories-instruct")
     return prepare_instruct(cfg, opts, command)
+
+
+def _measure_rows(result: dict) -> list[tuple[str, dict]]:
+    rows = [*result["constraints"].items(), ("overall", result["overall"]), ("each word", result["words_each"])]
+    return [(name, r) for name, r in rows if r["n"]]
+
+
+def markdown_section(result: dict) -> str:
+    """The samples report's section on instruction following (see :func:`evaluate_instructions`)."""
+    from tinygemma.evaluate import _md
+
+    lines = ["## Instructions", "", f"A story for each of the first {result['records']} held-out records of "
+             f"{_md(result['data'])}; {_md(result['matching'])}.", "",
+             "| instruction | followed | 95% interval | records |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {r['rate']:.1%} | {r['ci95'][0]:.1%}–{r['ci95'][1]:.1%} | {r['n']} |"
+              for name, r in _measure_rows(result)]
+    lines += ["", f"Masked story loss: {result['story_loss']:.4f} over {result['story_tokens']:,} tokens.", ""]
+    for k, s in enumerate(result["samples"]):
+        followed = ", ".join(f"{name}: {'yes' if ok else 'no'}" for name, ok in s["followed"].items())
+        lines += [f"### Record {k + 1}", ""] + ["> " + _md(line) for line in (s["prompt"] + s["story"]).split("\n")]
+        lines += ["", f"*{followed or 'nothing to check'}*", ""]
+    return "\n".join(lines)
+
+
+def html_section(result: dict) -> str:
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(name)}</td><td>{r['rate']:.1%}</td><td>{r['ci95'][0]:.1%}–{r['ci95'][1]:.1%}</td>"
+                   f"<td>{r['n']}</td></tr>" for name, r in _measure_rows(result))
+    body = [f"<h2>Instructions</h2><p>A story for each of the first {result['records']} held-out records of "
+            f"{e(result['data'])}; {e(result['matching'])}.</p>",
+            f"<table><tr><th>instruction</th><th>followed</th><th>95% interval</th><th>records</th></tr>{rows}"
+            f"</table><p>Masked story loss: {result['story_loss']:.4f} over {result['story_tokens']:,} tokens.</p>"]
+    for k, s in enumerate(result["samples"]):
+        followed = ", ".join(f"{name}: {'yes' if ok else 'no'}" for name, ok in s["followed"].items())
+        body += [f"<h3>Record {k + 1}</h3><blockquote><b>{e(s['prompt'])}</b>{e(s['story'])}</blockquote>",
+                 f"<p class='m'>{e(followed or 'nothing to check')}</p>"]
+    return "\n".join(body)
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("instruction following (TinyStories-Instruct)")
+    g.add_argument("--instruct", metavar="DATA", help="instruct data folder: write a story for each held-out "
+                   "record's instructions and report how often they are followed")
+    g.add_argument("--records", type=int, default=100, help="first N val records (default: 100)")
+    g.add_argument("--instruct-seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--instruct-max-new-tokens", type=int, default=None,
+                   help="story length limit (default: min(400, context / 2))")
+
+
+def evaluate_from_args(model: torch.nn.Module, args: argparse.Namespace, out: str | None = None) -> dict:
+    """``--instruct DATA`` of eval and samples: evaluate_instructions with the flags of add_eval_args."""
+    from tinygemma.config import from_dict
+    from tinygemma.generate import SamplingConfig
+
+    limit = args.instruct_max_new_tokens or min(400, model.config.context_length // 2)
+    sampling = from_dict(SamplingConfig, {"max_new_tokens": limit, "seed": args.instruct_seed}, "instruct")
+    return evaluate_instructions(model, Tokenizer(), args.instruct, args.records, args.instruct_seed, sampling,
+                                 out=out)
