@@ -272,14 +272,14 @@ def test_evaluate_instructions(tiny_ckpt, derived_dir, tokenizer, tmp_path, caps
     from tinygemma.instruct import evaluate_instructions
 
     model = load_checkpoint(tiny_ckpt)
-    sampling = SamplingConfig(max_new_tokens=24, seed=5)
+    sampling = SamplingConfig(max_new_tokens=12, seed=5)
     res = evaluate_instructions(model, tokenizer, derived_dir, n=4, sampling=sampling, batch_size=2,
                                 out=tmp_path / "instruct_eval.json")
     assert json.loads((tmp_path / "instruct_eval.json").read_text()) == json.loads(json.dumps(res))
     records = read_records(derived_dir)[:4]
     # the stories are those of the records' prompts, seeded per batch of 2
     first, _ = generate_rows(model, [[50256] + tokenizer.encode(r.prompt()) for r in records[:2]],
-                             SamplingConfig(max_new_tokens=24, seed=5))
+                             SamplingConfig(max_new_tokens=12, seed=5))
     assert [s["story"] for s in res["samples"][:2]] == [tokenizer.decode(ids) for ids in first]
     checks = [check_story(r, s["story"]) for r, s in zip(records, res["samples"], strict=True)]
     words = [c["words"] for c in checks if "words" in c]
@@ -288,14 +288,14 @@ def test_evaluate_instructions(tiny_ckpt, derived_dir, tokenizer, tmp_path, caps
     loss, count = masked_loss(model, InstructDataset(derived_dir, "val"), np.arange(4))
     assert res["story_loss"] == pytest.approx(loss) and res["story_tokens"] == count
     # the CLI calls the same function and prints one line per measure
-    assert main(["eval", str(tiny_ckpt), "--instruct", str(derived_dir), "--records", "3",
-                 "--instruct-max-new-tokens", "16", "--report", str(tmp_path / "e.json")]) == 0
+    assert main(["eval", str(tiny_ckpt), "--instruct", str(derived_dir), "--records", "2",
+                 "--instruct-max-new-tokens", "8", "--report", str(tmp_path / "e.json")]) == 0
     out = capsys.readouterr().out
-    assert "overall" in out and "story loss" in out and json.loads((tmp_path / "e.json").read_text())["records"] == 3
+    assert "overall" in out and "story loss" in out and json.loads((tmp_path / "e.json").read_text())["records"] == 2
     assert main(["samples", str(tiny_ckpt), "--out", str(tmp_path / "s.md"), "--max-new-tokens", "8",
-                 "--instruct", str(derived_dir), "--records", "2", "--instruct-max-new-tokens", "8"]) == 0
+                 "--instruct", str(derived_dir), "--records", "1", "--instruct-max-new-tokens", "8"]) == 0
     md = (tmp_path / "s.md").read_text()
-    assert "## Instructions" in md and "### Record 2" in md and "Instructions</h2>" in (tmp_path / "s.html").read_text()
+    assert "## Instructions" in md and "### Record 1" in md and "Instructions</h2>" in (tmp_path / "s.html").read_text()
 
 
 def test_generate_with_instructions(tiny_ckpt, tokenizer, capsys):

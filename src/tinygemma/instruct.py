@@ -77,7 +77,7 @@ class Malformed(ValueError):
     """A record that does not follow the layout; ``str(e)`` is the reason, counted in meta.json."""
 
 
-def _split_list(value: str) -> list[str]:
+def split_list(value: str) -> list[str]:
     return [w.strip() for w in value.split(",") if w.strip()]
 
 
@@ -105,7 +105,7 @@ def parse_record(text: str) -> Record:
             raise Malformed(f"repeated {label.strip()}: line")
         value = value.strip()
         if name in ("words", "features"):
-            value = _split_list(value)
+            value = split_list(value)
             if name == "features" and any(f not in FEATURES for f in value):
                 raise Malformed("unknown feature")
         if not value:
@@ -152,7 +152,7 @@ def build_prompt(*, words: Iterable[str] = (), features: Iterable[str] = (), sum
 
 def parse_words(text: str) -> list[str]:
     """``"frog, jump, shiny"`` -> three words; no words at all is refused."""
-    words = _split_list(text)
+    words = split_list(text)
     if not words:
         raise UserError(f"--words {text!r}: no words (give a comma list such as 'frog, jump, shiny')")
     return words
@@ -640,7 +640,7 @@ def prompt_from_args(args: argparse.Namespace) -> str | None:
     if all(getattr(args, k) is None for k in ("words", "features", "summary", "sentence")):
         return None
     words = parse_words(args.words) if args.words is not None else []
-    features = _split_list(args.features) if args.features is not None else []
+    features = split_list(args.features) if args.features is not None else []
     if args.features is not None and not features:
         raise UserError(f"--features {args.features!r}: no features (known: {', '.join(FEATURES)})")
     return build_prompt(words=words, features=features, summary=args.summary, sentence=args.sentence)
