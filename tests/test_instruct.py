@@ -162,6 +162,24 @@ def test_prepare_instruct_writes_records_and_mask(tmp_path, raw, tokenizer, caps
     assert not list(out.glob("*.tmp"))
 
 
+def test_hub_path_downloads_the_instruct_files(tmp_path, raw, monkeypatch):
+    """Without a local source, the two .txt files come from roneneldan/TinyStories (here: local copies)."""
+    import huggingface_hub
+
+    src = _instruct_folder(tmp_path, raw)
+    asked = []
+
+    def download(repo_id, filename, repo_type=None):
+        asked.append((repo_id, filename, repo_type))
+        return str(src / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert main(["prepare", "--instruct", "--out", str(tmp_path / "o"), "--workers", "1"]) == 0
+    assert asked == [("roneneldan/TinyStories", "TinyStories-Instruct-train.txt", "dataset"),
+                     ("roneneldan/TinyStories", "TinyStories-Instruct-valid.txt", "dataset")]
+    assert len(InstructDataset(tmp_path / "o", "val")) == 2
+
+
 def test_max_record_tokens_truncates(tmp_path, raw):
     src = _instruct_folder(tmp_path, raw)
     meta = prepare_instruct(PrepareConfig(source=str(src), out=str(tmp_path / "o"), workers=1),

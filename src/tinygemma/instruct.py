@@ -161,7 +161,7 @@ def parse_words(text: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Instructions derived from plain stories
 
-# Function words and the most frequent story verbs/adverbs: "content words" are the rest.
+# Function words (matched exactly): "content words" are the rest, less COMMON_WORDS.
 STOP_WORDS = frozenset("""
 a about above after again against all also always am an and another any are around as at away back be because
 been before being below between both but by came can could day did do does doing done down each even ever every
@@ -170,8 +170,14 @@ its itself just let like little made make many may me more most much must my mys
 of off on once one only or other our ours out over own put really said same saw say says see she should so some
 soon still such than that the their theirs them themselves then there these they thing things this those
 through time to too took under until up upon us very was way we went were what when where which while who whom
-why will with would yes yet you your yours yourself big
+why will with would yes yet you your yours yourself
 """.split())
+# Content words nearly every story uses, in any inflection (a required "wanted" or "played" would be followed by
+# chance): excluded by stem.
+COMMON_WORDS = """
+ask big come feel find friend fun give girl boy good happy help home know like look love mom dad name play sad
+smile start tell thank think try turn want
+""".split()
 _LOWER_WORD = re.compile(r"(?<![\w'’])[a-z]+(?![\w'’])")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _QUOTE = re.compile(r"[\"“][^\"“”\n]*\w[^\"“”\n]*[\"”]")
@@ -185,13 +191,15 @@ def has_dialogue(story: str) -> bool:
 
 def derive_record(story: str, seed: int) -> Record:
     """Instructions the story already satisfies, chosen with a generator seeded by (seed, story): three
-    content words (stop-word-free, lower-case in the story so names are left out, distinct stems), one of
+    content words (no stop words nor COMMON_WORDS, lower-case in the story so names are left out, distinct
+    stems), one of
     its sentences without quotes (4-30 words), Dialogue / MoralValue when it shows them. No summary."""
     rng = random.Random(hashlib.blake2b(story.encode(), digest_size=8, key=seed.to_bytes(8, "little",
                                                                                       signed=True)).digest())
+    common = {stem(w) for w in COMMON_WORDS}
     by_stem: dict[str, str] = {}
     for w in _LOWER_WORD.findall(story):
-        if len(w) >= 3 and w not in STOP_WORDS:
+        if len(w) >= 3 and w not in STOP_WORDS and stem(w) not in common:
             by_stem.setdefault(stem(w), w)
     record = Record(story=story)
     if len(by_stem) >= 3:
@@ -488,6 +496,7 @@ _VOWEL = re.compile("[aeiouy]")
 _WORD = re.compile(r"[a-z]+")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def stem(word: str) -> str:
     """A small stemmer for inflections: the irregular table above, then one suffix rule (-ies/-ied -> y,
     -ing and -ed when a vowel is left, -es after s/x/z/ch/sh, -s but not -ss/-us/-is), then a doubled final
