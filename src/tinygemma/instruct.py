@@ -94,6 +94,7 @@ def parse_record(text: str) -> Record:
     if not story:
         raise Malformed("empty story")
     fields: dict = {"order": []}
+    seen = set()
     for line in head.split("\n"):
         if not line.strip():
             continue
@@ -101,17 +102,17 @@ def parse_record(text: str) -> Record:
         name = HEADERS.get(label.strip())
         if not colon or name is None:
             raise Malformed("unknown header line")
-        if name in fields:
+        if name in seen:
             raise Malformed(f"repeated {label.strip()}: line")
+        seen.add(name)
         value = value.strip()
         if name in ("words", "features"):
             value = split_list(value)
             if name == "features" and any(f not in FEATURES for f in value):
                 raise Malformed("unknown feature")
-        if not value:
-            raise Malformed(f"empty {label.strip()}: line")
-        fields[name] = value
-        fields["order"].append(name)
+        if value:  # an empty line asks for nothing
+            fields[name] = value
+            fields["order"].append(name)
     return Record(story=story, **fields)
 
 
