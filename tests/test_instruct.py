@@ -227,6 +227,9 @@ def test_bad_inputs(tmp_path, raw, data_dir, capsys):
     assert main(["prepare", "--instruct", "--source", str(src), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "no train records; 2 malformed (2 no 'Story:' line)" in err and not (tmp_path / "o").exists()
+    (src / "TinyStories-Instruct-valid.txt").write_text("")
+    assert main(["prepare", "--instruct", "--source", str(src), "--out", str(tmp_path / "o")]) == 2
+    assert "TinyStories-Instruct-valid.txt: empty file" in capsys.readouterr().err
     (src / "TinyStories-Instruct-valid.txt").unlink()
     assert main(["prepare", "--instruct", "--source", str(src), "--out", str(tmp_path / "o")]) == 2
     assert "has only TinyStories-Instruct-train.txt" in capsys.readouterr().err

@@ -364,7 +364,7 @@ def sampling_config_from_args(args: argparse.Namespace) -> SamplingConfig:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from tinygemma.instruct import prompt_from_args
+    from tinygemma.instruct import prompt_from_args  # instruct imports this module
 
     cfg = sampling_config_from_args(args)
     prompts = args.prompt if args.prompt else [""]
@@ -430,7 +430,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "prompts too long for the context lose their oldest tokens.")
     add_checkpoint_arg(p)
     p.add_argument("--prompt", action="append", help="story opening (repeatable; default: an empty prompt)")
-    from tinygemma.instruct import add_instruction_args
+    from tinygemma.instruct import add_instruction_args  # instruct imports this module
 
     add_instruction_args(p)
     add_dataclass_args(p, SamplingConfig)

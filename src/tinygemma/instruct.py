@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from tinygemma import data
-from tinygemma.config import UserError, atomic_write_text
+from tinygemma.config import UserError, atomic_write_text, from_dict
+from tinygemma.generate import SamplingConfig, generate_rows, unwrap
 from tinygemma.tokenizer import Tokenizer
 
 PROMPT_VERSION = 1  # the prompt layout below; recorded in meta.json
@@ -270,6 +271,10 @@ def encode_record(tok: Tokenizer, record: Record, max_tokens: int) -> tuple[np.n
     return ids[:max_tokens], mask[:max_tokens], len(ids) > max_tokens
 
 
+def _concat(parts: list[np.ndarray], dtype: str) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+
 def encode_records(opts: InstructOptions, seed: int, task: data._Task) -> _Records:
     """The worker side of ``prepare``: parse (or derive) and encode the records of one task."""
     empty = dict(tokens=np.empty(0, data.DTYPE), lengths=np.empty(0, np.int64), is_val=None, changed=0,
@@ -294,11 +299,10 @@ def encode_records(opts: InstructOptions, seed: int, task: data._Task) -> _Recor
         records.append(asdict(record))
         truncated.append(cut)
         is_val.append(val)
-    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.empty(0, dtype)  # noqa: E731
     return _Records(**empty | dict(
-        tokens=cat(ids, data.DTYPE), lengths=np.array([len(i) for i in ids], dtype=np.int64),
+        tokens=_concat(ids, data.DTYPE), lengths=np.array([len(i) for i in ids], dtype=np.int64),
         is_val=np.array(is_val, dtype=bool) if task.split_val else None, changed=changed),
-        mask=cat(masks, MASK_DTYPE), records=records, truncated=np.array(truncated, dtype=bool),
+        mask=_concat(masks, MASK_DTYPE), records=records, truncated=np.array(truncated, dtype=bool),
         skipped=skipped, skipped_val=skipped_val)
 
 
@@ -578,15 +582,13 @@ def masked_loss(model: torch.nn.Module, ds: InstructDataset, indices: np.ndarray
 
 
 def evaluate_instructions(model: torch.nn.Module, tokenizer: Tokenizer, data_dir: str | os.PathLike,
-                          n: int = 100, seed: int = 0, sampling=None, batch_size: int = 8,
+                          n: int = 100, seed: int = 0, sampling: SamplingConfig | None = None, batch_size: int = 8,
                           out: str | os.PathLike | None = None) -> dict:
     """Write a story for each of the first ``n`` val records' instructions and measure, per instruction and
     overall (a story following all of its record's checkable instructions), the share followed with a 95%
     Wilson interval; plus the masked story loss of those records. ``sampling`` is a SamplingConfig
     (default: the usual sampling, 400 new tokens at most); its seed is ``seed`` unless it sets one, and batch
     ``b`` samples with seed + b. Writes the result as JSON to ``out`` when given."""
-    from tinygemma.generate import SamplingConfig, generate_rows, unwrap
-
     model = unwrap(model)
     if n < 1:
         raise UserError(f"records must be >= 1, got {n}")
@@ -712,9 +714,6 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def evaluate_from_args(model: torch.nn.Module, args: argparse.Namespace, out: str | None = None) -> dict:
     """``--instruct DATA`` of eval and samples: evaluate_instructions with the flags of add_eval_args."""
-    from tinygemma.config import from_dict
-    from tinygemma.generate import SamplingConfig
-
     limit = args.instruct_max_new_tokens or min(400, model.config.context_length // 2)
     sampling = from_dict(SamplingConfig, {"max_new_tokens": limit, "seed": args.instruct_seed}, "instruct")
     return evaluate_instructions(model, Tokenizer(), args.instruct, args.records, args.instruct_seed, sampling,

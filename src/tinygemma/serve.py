@@ -385,11 +385,10 @@ def _request_model(cfg: ServeConfig, context_length: int, vocab_size: int) -> ty
             """The instruction header ('' without instructions); a UserError (a ValueError) if invalid."""
             if all(v is None for v in (self.words, self.features, self.summary, self.sentence)):
                 return ""
-            listed = lambda v: split_list(v) if isinstance(v, str) else v  # noqa: E731
-            if self.words is not None and not listed(self.words):
+            words, features = (split_list(v) if isinstance(v, str) else v or [] for v in (self.words, self.features))
+            if self.words is not None and not words:
                 raise ValueError("words: no words (give 'frog, jump, shiny' or a list)")
-            return build_prompt(words=listed(self.words or []), features=listed(self.features or []),
-                                summary=self.summary, sentence=self.sentence)
+            return build_prompt(words=words, features=features, summary=self.summary, sentence=self.sentence)
 
         def prompts(self) -> list[str | list[int]]:
             p = self.prompt
