@@ -236,6 +236,8 @@ def test_cli_json_batch(ckpt, capsys):
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--top-k", "-1"], "top_k must be >= 0"),
     (["--num-samples", "0"], "num_samples must be positive"),
+    (["--words", " , "], "--words ' , ': no words"),
+    (["--words", "frog", "--features", "Dialogue, Funny"], "unknown feature 'Funny'"),
 ])
 def test_cli_bad_input_is_one_line(ckpt, capsys, flags, message):
     assert main(["generate", str(ckpt), *flags]) == 2

@@ -12,6 +12,7 @@ import torch
 from tinygemma.cli import main
 from tinygemma.config import UserError
 from tinygemma.generate import SamplingConfig, encode_prompts, generate_ids
+from tinygemma.instruct import build_prompt
 from tinygemma.model import Gemma3, load_model_config
 from tinygemma.run import latest_report, read_metrics, resolve_checkpoint
 from tinygemma.serve import (
@@ -113,6 +114,16 @@ def test_completion_matches_generation_api(server, model, tokenizer):
     assert greedy["choices"][0]["text"] == reference(model, tokenizer, ["The dog"], max_new_tokens=8, greedy=True)[0]
 
 
+def test_instruction_fields(server, model, tokenizer):
+    """The extension fields put the dataset's instruction header before the prompt, as `generate --words` does."""
+    body = {"prompt": "Once", "max_tokens": 6, "temperature": 0, "words": "frog, jump", "features": ["dialogue"],
+            "sentence": "It was fun."}
+    out = server.post("/v1/completions", json=body).json()
+    header = build_prompt(words=["frog", "jump"], features=["Dialogue"], sentence="It was fun.")
+    assert out["choices"][0]["text"] == reference(model, tokenizer, [header + "Once"], max_new_tokens=6, greedy=True)[0]
+    assert out["usage"]["prompt_tokens"] == 1 + len(tokenizer.encode(header + "Once"))
+
+
 def test_token_id_prompts(server, model, tokenizer):
     ids = tokenizer.encode("Once upon a time")
     a = server.post("/v1/completions", json={"prompt": ids, "max_tokens": 6, "seed": 3}).json()
@@ -193,6 +204,9 @@ def test_row_stop_and_eot(tokenizer):
     ({"prompt": "x", "echo": True, "logprobs": 3}, 422, "not supported by this server: echo, logprobs"),
     ({"prompt": "x " * 400, "max_tokens": 200}, 422, "does not fit the model's context of 512 tokens"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),
+    ({"prompt": "x", "words": " , "}, 422, "words: no words"),
+    ({"prompt": "x", "features": ["Funny"]}, 422, "unknown feature 'Funny'"),
+    ({"prompt": [1, 2], "words": "frog"}, 422, "need a text prompt, not token ids"),
 ])
 def test_bad_requests_get_clear_errors(server, body, status, words):
     r = server.post("/v1/completions", json=body)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tinygemma.instruct import build_prompt
 from tinygemma.model import Gemma3, load_model_config
 from tinygemma.serve import EXAMPLE_PROMPTS, create_app, serve_in_thread
 
@@ -108,6 +109,23 @@ def test_story_streams_in_the_browser(browser, run_dir, tokenizer, tmp_path):
             assert app.state.engine.stats["cancelled"] == 1
         assert wait.until(lambda d: d.find_element(By.ID, "tell").get_attribute("disabled") is None)
         assert not browser.find_element(By.ID, "story-error").is_displayed()
+
+        # instructions: collapsed by default; filled in, they reach the model as the dataset's prompt
+        words = browser.find_element(By.ID, "words")
+        assert not words.is_displayed()
+        browser.find_element(By.CSS_SELECTOR, "#instructions summary").click()
+        words.send_keys("frog, jump")
+        browser.find_element(By.CSS_SELECTOR, "#features input[value=Dialogue]").click()
+        jobs, run = [], app.state.engine.run
+        app.state.engine.run = lambda job, *a: (jobs.append(job), run(job, *a))[1]
+        browser.find_element(By.ID, "max_tokens").clear()
+        browser.find_element(By.ID, "max_tokens").send_keys("3")
+        browser.find_element(By.ID, "tell").click()
+        assert wait.until(lambda d: jobs and "tokens/s" in d.find_element(By.ID, "story-stats").text)
+        want = [tokenizer.eot_id] + tokenizer.encode(build_prompt(words=["frog", "jump"], features=["Dialogue"])
+                                                     + EXAMPLE_PROMPTS[0])
+        assert jobs[0].prompt_ids == [want]
+        app.state.engine.run = run
 
         # the training page draws the curves from metrics.jsonl and shows the report
         browser.find_element(By.ID, "tab-training").click()

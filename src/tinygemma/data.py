@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
@@ -75,6 +76,29 @@ class PrepareConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Text normalisation
+
+
+@dataclass
+class InstructOptions:
+    """prepare's flags for instruct records (built by tinygemma.instruct, which loads torch only when asked)."""
+
+    instruct: bool = field(default=False, metadata={
+        "help": "read TinyStories-Instruct (TinyStories-Instruct-train/valid.txt: records with instructions)"})
+    derive_instructions: bool = field(default=False, metadata={
+        "help": "make instruct records from plain TinyStories (words, a sentence, features the story shows)"})
+    max_record_tokens: int = field(default=2048, metadata={
+        "help": "instruct records longer than this are cut from the end (counted as truncated)"})
+    headers: bool = field(default=True, metadata={
+        "help": "with --derive-instructions: --no-headers leaves the instruction lines out (the same stories in "
+                "the same layout: bench/instruct.py's control)"})
+
+    def __post_init__(self):
+        if self.instruct and self.derive_instructions:
+            raise UserError("--instruct and --derive-instructions exclude each other")
+        if not self.headers and not self.derive_instructions:
+            raise UserError("--no-headers goes with --derive-instructions")
+        if self.max_record_tokens < 8:
+            raise UserError(f"max_record_tokens must be >= 8, got {self.max_record_tokens}")
 
 
 def _continuation_chars() -> str:
@@ -139,6 +163,17 @@ class _Result:
     nbytes: int
     error: str | None = None
 
+    def head(self, n: int) -> _Result:
+        """The first ``n`` stories (for --max-stories)."""
+        return dataclasses.replace(self, tokens=self.tokens[: int(self.lengths[:n].sum())], lengths=self.lengths[:n],
+                                   is_val=None if self.is_val is None else self.is_val[:n])
+
+    def select(self, val: bool) -> _Result:
+        """One side of a seeded train/val split: the val stories, or the train ones."""
+        keep = self.is_val if val else ~self.is_val
+        return dataclasses.replace(self, tokens=self.tokens[np.repeat(keep, self.lengths)],
+                                   lengths=self.lengths[keep], is_val=None)
+
 
 _WORKER: dict[str, Any] = {}
 
@@ -156,15 +191,12 @@ def _is_val(text: str) -> bool:
     return int.from_bytes(h, "little") < _WORKER["threshold"]
 
 
-def _encode_task(task: _Task) -> _Result:
-    tok: Tokenizer = _WORKER["tok"]
+def _task_texts(task: _Task) -> tuple[list[str], int]:
+    """The task's stories (records), stripped, empty ones dropped, mojibake repaired if asked; and how many
+    were repaired. Raises UnicodeDecodeError for a .txt piece that is not UTF-8."""
     items = task.items
     if isinstance(items, bytes):
-        try:
-            items = items.decode("utf-8").split(EOT_TOKEN)
-        except UnicodeDecodeError as e:
-            return _Result(np.empty(0, DTYPE), np.empty(0, np.int64), None, 0, 0,
-                           f"{task.name}: invalid UTF-8 at byte {task.offset + e.start} ({e.reason})")
+        items = items.decode("utf-8").split(EOT_TOKEN)
     texts, changed = [], 0
     for item in items:
         text = item.strip()
@@ -175,6 +207,20 @@ def _encode_task(task: _Task) -> _Result:
             changed += fixed != text
             text = fixed
         texts.append(text)
+    return texts, changed
+
+
+def _failed(task: _Task, e: UnicodeDecodeError) -> _Result:
+    return _Result(np.empty(0, DTYPE), np.empty(0, np.int64), None, 0, 0,
+                   f"{task.name}: invalid UTF-8 at byte {task.offset + e.start} ({e.reason})")
+
+
+def _encode_task(task: _Task) -> _Result:
+    tok: Tokenizer = _WORKER["tok"]
+    try:
+        texts, changed = _task_texts(task)
+    except UnicodeDecodeError as e:
+        return _failed(task, e)
     # encode_to_numpy with no special tokens allowed or disallowed is encode_ordinary, minus the Python
     # list per story: the ids stay in tiktoken's buffer and are joined as bytes (~25% less CPU per token).
     # Not encode_ordinary_batch: with one thread its ThreadPoolExecutor makes it ~2x slower than a loop;
@@ -392,12 +438,13 @@ def _hub_inputs(source: str, cfg: PrepareConfig, local: bool) -> list[_Input]:
     return inputs
 
 
-def _hub_txt_inputs(cfg: PrepareConfig) -> list[_Input]:
-    """TinyStoriesV2-GPT4-*.txt from the hub: streamed over HTTP when --max-stories, else downloaded (cached)."""
+def _hub_txt_inputs(cfg: PrepareConfig, files: dict[str, str] = TXT_FILES_V2) -> list[_Input]:
+    """``.txt`` files of the hub dataset (TinyStoriesV2-GPT4-*.txt by default): streamed over HTTP when
+    --max-stories, else downloaded (cached)."""
     import huggingface_hub as hf
 
     inputs = []
-    for split, filename in TXT_FILES_V2.items():
+    for split, filename in files.items():
         name = f"{cfg.source}/{filename}"
         if cfg.max_stories is not None:
             def tasks(filename=filename, name=name) -> Iterator[_Task]:
@@ -488,6 +535,22 @@ class _SplitWriter:
         self.tokens += len(tokens)
         self.stories += stories
 
+    def add(self, res: _Result) -> None:
+        self.write(res.tokens, len(res.lengths))
+
+    def info(self) -> dict:
+        """This split's entry in meta.json."""
+        return {"file": self.path.name, "stories": self.stories, "tokens": self.tokens, "sha256": self.sha.hexdigest()}
+
+    def summary(self) -> str:
+        return f"{self.stories:,} stories {self.tokens:,} tokens ({self.tokens / self.stories:.1f}/story)"
+
+    def empty_reason(self) -> str:
+        return ""
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.path)
+
     def finish(self) -> None:
         try:
             self.f.flush()
@@ -546,7 +609,22 @@ def _num_workers(n: int) -> int:
         return os.cpu_count() or 1
 
 
-def prepare(cfg: PrepareConfig, command: str | None = None) -> dict:
+@dataclass(frozen=True)
+class Layout:
+    """What ``prepare`` makes of the source: plain story streams (``PLAIN``), or instruct records with a loss
+    mask (``tinygemma.instruct``): how inputs are found, how a task is encoded, how a split is written."""
+
+    inputs: Callable[[PrepareConfig], list[_Input]] = _resolve
+    encode: Callable[[_Task], _Result] = _encode_task
+    writer: Callable[[Path], _SplitWriter] = _SplitWriter
+    unit: str = "stories"
+    meta: dict = field(default_factory=dict)  # extra meta.json fields (fingerprinted too)
+
+
+PLAIN = Layout()
+
+
+def prepare(cfg: PrepareConfig, command: str | None = None, layout: Layout = PLAIN) -> dict:
     """Tokenise ``cfg.source`` into ``cfg.out`` (train.bin, val.bin, meta.json); returns the meta dict.
 
     ``command`` is the command line recorded in meta.json (the CLI passes it).
@@ -554,9 +632,10 @@ def prepare(cfg: PrepareConfig, command: str | None = None) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out).expanduser()
     tok = Tokenizer()
-    inputs = _resolve(cfg)
+    inputs = layout.inputs(cfg)
     fingerprint = {"format_version": FORMAT_VERSION, **_tokenizer_info(tok), "source": cfg.source,
-                   "inputs": [i.fingerprint | {"split": i.split} for i in inputs], "options": _options(cfg)}
+                   "inputs": [i.fingerprint | {"split": i.split} for i in inputs], "options": _options(cfg),
+                   **layout.meta}
     if (meta := _check_out(out, cfg, tok, fingerprint)) is not None:
         print(f"{out}: up to date (same source, options and tokenizer); nothing to do (use --force to redo)",
               file=sys.stderr)
@@ -570,18 +649,20 @@ def prepare(cfg: PrepareConfig, command: str | None = None) -> dict:
         stale.unlink()
     workers = _num_workers(cfg.workers)
     try:
-        writers = {split: _SplitWriter(out / name) for split, name in SPLITS.items()}
+        writers = {split: layout.writer(out / name) for split, name in SPLITS.items()}
     except OSError as e:
         raise UserError(f"{out}: cannot write ({e.strerror})") from None
     try:
-        changed, nbytes = _run(inputs, writers, cfg, tok, workers)
+        changed, nbytes = _run(inputs, writers, cfg, tok, workers, layout.encode)
         for split, w in writers.items():
             if w.stories == 0:
-                why = " (too few stories for val_fraction?)" if split == "val" else ""
-                raise UserError(f"{', '.join(i.name for i in inputs)}: no {split} stories{why}")
+                why = f" (too few {layout.unit} for val_fraction?)" if split == "val" else ""
+                raise UserError(f"{', '.join(i.name for i in inputs)}: no {split} {layout.unit}{why}"
+                                f"{w.empty_reason()}")
             w.finish()
         meta = {
-            "format_version": FORMAT_VERSION, **_tokenizer_info(tok), "eot_id": tok.eot_id, "dtype": DTYPE,
+            **layout.meta, "format_version": FORMAT_VERSION, **_tokenizer_info(tok), "eot_id": tok.eot_id,
+            "dtype": DTYPE,
             "source": cfg.source, "inputs": [i.name for i in inputs],
             "normalisation": {"strip": True, "drop_empty": True, "fix_text": cfg.fix_text,
                               "fix_text_method": "ftfy encoding fixes only (+ bare 'â€' -> '”')" if cfg.fix_text
@@ -589,8 +670,7 @@ def prepare(cfg: PrepareConfig, command: str | None = None) -> dict:
             "split": ({"method": "blake2b(story, key=seed) < val_fraction", "val_fraction": cfg.val_fraction,
                        "seed": cfg.seed} if any(i.split == "split" for i in inputs) else "source splits"),
             "max_stories": cfg.max_stories,
-            "splits": {split: {"file": w.path.name, "stories": w.stories, "tokens": w.tokens,
-                               "sha256": w.sha.hexdigest()} for split, w in writers.items()},
+            "splits": {split: w.info() for split, w in writers.items()},
             "command": command,
             "config": asdict(cfg), "fingerprint": fingerprint,
         }
@@ -611,13 +691,12 @@ def prepare(cfg: PrepareConfig, command: str | None = None) -> dict:
     # Everything is on disk. Drop the old meta.json first so a kill between the renames leaves no valid set.
     (out / "meta.json").unlink(missing_ok=True)
     for w in writers.values():
-        os.replace(w.tmp, w.path)
+        w.commit()
     os.replace(tmp_meta, out / "meta.json")
     _fsync_dir(out)
     secs = time.perf_counter() - t0
-    parts = [f"{s} {w.stories:,} stories {w.tokens:,} tokens ({w.tokens / w.stories:.1f}/story)"
-             for s, w in writers.items()]
-    print(f"prepared {out}: {'; '.join(parts)}; {changed:,} stories repaired; {secs:.1f}s "
+    parts = [f"{s} {w.summary()}" for s, w in writers.items()]
+    print(f"prepared {out}: {'; '.join(parts)}; {changed:,} {layout.unit} repaired; {secs:.1f}s "
           f"({nbytes / 1e6 / secs:.1f} MB/s, {sum(w.tokens for w in writers.values()) / secs:,.0f} tokens/s, "
           f"{workers} workers)", file=sys.stderr)
     return meta
@@ -646,7 +725,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareConfig, tok: Tokenizer,
-         workers: int) -> tuple[int, int]:
+         workers: int, encode: Callable[[_Task], _Result] = _encode_task) -> tuple[int, int]:
     """Tokenise the tasks in ``workers`` processes and write the results in order.
 
     This process is one of them: it keeps the pool (``workers - 1`` processes) fed with two tasks per
@@ -684,18 +763,14 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
             return  # in flight when its input reached --max-stories
         if res.error:
             raise UserError(res.error)
-        n = len(res.lengths)
-        if limit is not None and n > limit:
-            n = limit
-            res.tokens = res.tokens[: int(res.lengths[:n].sum())]
-            res.lengths, res.is_val = res.lengths[:n], None if res.is_val is None else res.is_val[:n]
-        taken[k] += n
+        if limit is not None and len(res.lengths) > limit:
+            res = res.head(limit)
+        taken[k] += len(res.lengths)
         if res.is_val is not None:
-            mask = np.repeat(res.is_val, res.lengths)
-            writers["train"].write(res.tokens[~mask], int(n - res.is_val.sum()))
-            writers["val"].write(res.tokens[mask], int(res.is_val.sum()))
+            writers["train"].add(res.select(val=False))
+            writers["val"].add(res.select(val=True))
         else:
-            writers[inputs[k].split].write(res.tokens, n)
+            writers[inputs[k].split].add(res)
         changed += res.changed
         nbytes += res.nbytes
         bar.update(res.nbytes)
@@ -715,13 +790,13 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
         item = next(tasks, None)
         while item is not None or pending:
             while pool and item is not None and len(pending) < 4 * workers and in_pool() < 2 * (workers - 1):
-                pending.append((item[0], pool.apply_async(_encode_task, (item[1],))))
+                pending.append((item[0], pool.apply_async(encode, (item[1],))))
                 item = next(tasks, None)
             if pending and ready(pending[0][1]):
                 k, job = pending.popleft()
                 write(k, job if isinstance(job, _Result) else job.get())
             elif item is not None and len(pending) < 4 * workers:
-                pending.append((item[0], _encode_task(item[1])))  # rather than wait: this process's share
+                pending.append((item[0], encode(item[1])))  # rather than wait: this process's share
                 item = next(tasks, None)
             else:
                 k, job = pending.popleft()
@@ -756,6 +831,12 @@ def verify(directory: str | os.PathLike) -> dict:
 class TokenDataset:
     """One split of prepared data, memory-mapped; checks meta.json before trusting the bytes."""
 
+    format: str | None = None  # meta.json's "format": absent for plain story streams
+
+    def _wrong_format(self) -> UserError:
+        return UserError(f"{self.dir}: instruct data (records with a loss mask), not plain token data; "
+                         "fine-tune on it with `tinygemma finetune`")
+
     def __init__(self, directory: str | os.PathLike, split: str = "train", vocab_size: int | None = None):
         self.dir = Path(directory)
         meta_path = self.dir / "meta.json"
@@ -766,6 +847,8 @@ class TokenDataset:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise UserError(f"{meta_path}: not valid JSON") from None
         m = self.meta
+        if m.get("format") != self.format:  # e.g. instruct records: their loss mask must not be ignored
+            raise self._wrong_format()
         if m.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{meta_path}: format version {m.get('format_version')}, expected {FORMAT_VERSION}")
         if m.get("dtype") != DTYPE:
@@ -800,12 +883,20 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         verify(args.verify)
         return 0
     given = dataclass_overrides(args, PrepareConfig)
+    instruct_given = dataclass_overrides(args, InstructOptions)
     cfg = from_dict(PrepareConfig, given, "prepare")
     flags = []
-    for key, value in given.items():
+    for key, value in (given | instruct_given).items():
         flag = cli_flag(key)
         flags += [flag if value is True else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
-    prepare(cfg, shlex.join(["tinygemma", "prepare", *flags]))
+    command = shlex.join(["tinygemma", "prepare", *flags])
+    opts = from_dict(InstructOptions, instruct_given, "prepare")
+    if opts.instruct or opts.derive_instructions:  # records with a loss mask (tinygemma.instruct)
+        from tinygemma import instruct
+
+        instruct.prepare_from_args(cfg, opts, given, command)
+    else:
+        prepare(cfg, command)
     return 0
 
 
@@ -815,5 +906,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Tokenise TinyStories (hub or local .txt/.json/.jsonl/.parquet) with GPT-2's BPE into "
                     "uint16 memmaps, every story followed by <|endoftext|>.")
     add_dataclass_args(p, PrepareConfig)
+    add_dataclass_args(p, InstructOptions)
     p.add_argument("--verify", metavar="DIR", help="check the sha256 of prepared data in DIR and exit")
     p.set_defaults(func=_cmd_prepare)

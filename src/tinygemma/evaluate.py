@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ftfy.badness import badness
 from tqdm import tqdm
 
+from tinygemma import instruct
 from tinygemma.config import UserError, add_dataclass_args, atomic_write_text, dataclass_overrides, from_dict
 from tinygemma.data import TokenDataset
 from tinygemma.generate import (
@@ -106,6 +107,8 @@ def evaluate_tokens(model: Gemma3, tokens: np.ndarray, block_size: int | None = 
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.instruct is not None:
+        return _eval_instruct(args)
     cfg = from_dict(EvalConfig, dataclass_overrides(args, EvalConfig), "eval")
     if cfg.data is None:
         raise UserError("--data is required (a folder made by `tinygemma prepare`)")
@@ -123,6 +126,15 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{cfg.split}: loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  "
               f"({res['tokens']:,} tokens in {res['windows']:,} windows of {res['block_size']}, "
               f"{res['tokens_per_s']:,.0f} tokens/s)")
+    return 0
+
+
+def _eval_instruct(args: argparse.Namespace) -> int:
+    res = instruct.evaluate_from_args(load_checkpoint(args.checkpoint, device=args.device), args, args.report)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), **res}, indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(instruct.summary_lines(res)))
     return 0
 
 
@@ -238,6 +250,8 @@ def render_markdown(report: dict, title: str) -> str:
         story = s["prompt"] + s["text"] + (" ⟨end⟩" if s["ended_with_eot"] else " ⟨cut⟩")
         lines += ["> " + _md(line) for line in story.split("\n")]
         lines += ["", "*" + ", ".join(f"{_md(label)}: {_fmt(k, s[k])}" for k, label in MEASURES) + "*", ""]
+    if "instructions" in report:
+        lines.append(instruct.markdown_section(report["instructions"]))
     return "\n".join(lines)
 
 
@@ -256,19 +270,24 @@ def render_html(report: dict, title: str) -> str:
         body += [f"<h2>{e(s['prompt']) or '(empty prompt)'}</h2>",
                  f"<blockquote><b>{e(s['prompt'])}</b>{e(s['text'])} {end}</blockquote>",
                  "<p class='m'>" + ", ".join(f"{e(label)}: {e(_fmt(k, s[k]))}" for k, label in MEASURES) + "</p>"]
+    if "instructions" in report:
+        body.append(instruct.html_section(report["instructions"]))
     return "\n".join(body + ["</body></html>", ""])
 
 
 def write_samples_report(model: Gemma3, tokenizer: Tokenizer, out_path: str | os.PathLike,
                          prompts: list[str] | None = None, cfg: SamplingConfig | None = None,
-                         title: str = "tinygemma samples") -> dict:
+                         title: str = "tinygemma samples", instructions: dict | None = None) -> dict:
     """Write ``out_path`` (Markdown) and its ``.html`` twin; returns the report (see :func:`sample_report`).
+    ``instructions`` (from :func:`tinygemma.instruct.evaluate_instructions`) adds a section.
 
     Training calls this at each evaluation; the model's train/eval mode is restored afterwards.
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     report = sample_report(model, tokenizer, prompts, cfg)
+    if instructions is not None:
+        report["instructions"] = instructions
     atomic_write_text(out_path, render_markdown(report, title))
     atomic_write_text(out_path.with_suffix(".html"), render_html(report, title))
     return report
@@ -290,7 +309,9 @@ def _samples(args: argparse.Namespace) -> int:
     prompts = TUTORIAL_PROMPTS + (read_prompts(args.prompts) if args.prompts else [])
     model = load_checkpoint(args.checkpoint, device=args.device)
     out = Path(args.out)
-    report = write_samples_report(model, Tokenizer(), out, prompts, cfg, title=f"Samples from {args.checkpoint}")
+    instructions = instruct.evaluate_from_args(model, args) if args.instruct is not None else None
+    report = write_samples_report(model, Tokenizer(), out, prompts, cfg, title=f"Samples from {args.checkpoint}",
+                                  instructions=instructions)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -306,6 +327,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "that start without context from the previous window.")
     add_checkpoint_arg(p)
     add_dataclass_args(p, EvalConfig)
+    instruct.add_eval_args(p)
+    p.add_argument("--report", metavar="FILE", help="with --instruct: also write the result as JSON "
+                   "(e.g. instruct_eval.json)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_device_arg(p)
     p.set_defaults(func=_eval)
@@ -315,6 +339,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", help="file with more prompts, one per line (added to the tutorial's five)")
     p.add_argument("--out", default="samples.md", help="Markdown report path; the HTML twin goes beside it")
     add_dataclass_args(p, SamplingConfig)
+    instruct.add_eval_args(p)
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
     add_device_arg(p)
     p.set_defaults(func=_samples)

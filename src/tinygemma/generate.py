@@ -364,8 +364,12 @@ def sampling_config_from_args(args: argparse.Namespace) -> SamplingConfig:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from tinygemma.instruct import prompt_from_args  # instruct imports this module
+
     cfg = sampling_config_from_args(args)
     prompts = args.prompt if args.prompt else [""]
+    if (instructions := prompt_from_args(args)) is not None:  # TinyStories-Instruct header; --prompt opens the story
+        prompts = [instructions + p for p in prompts]
     model = load_checkpoint(args.checkpoint, device=args.device, dtype=inference_dtype(args.dtype, args.device))
     tok = Tokenizer()
     prompt_ids = encode_prompts(tok, prompts)
@@ -430,6 +434,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "prompts too long for the context lose their oldest tokens.")
     add_checkpoint_arg(p)
     p.add_argument("--prompt", action="append", help="story opening (repeatable; default: an empty prompt)")
+    from tinygemma.instruct import add_instruction_args  # instruct imports this module
+
+    add_instruction_args(p)
     add_dataclass_args(p, SamplingConfig)
     p.add_argument("--no-stream", action="store_true", help="print each story once finished")
     p.add_argument("--json", action="store_true", help="machine-readable output")

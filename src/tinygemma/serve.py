@@ -45,6 +45,7 @@ from tinygemma.generate import (
     load_checkpoint,
     stream,
 )
+from tinygemma.instruct import FEATURES, build_prompt, split_list
 from tinygemma.model import Gemma3
 from tinygemma.run import METRICS, display_name, latest_report, read_metrics
 from tinygemma.tokenizer import Tokenizer
@@ -263,6 +264,12 @@ def _request_model(cfg: ServeConfig, context_length: int, vocab_size: int) -> ty
         presence_penalty: float = 0.0
         frequency_penalty: float = 0.0
         logit_bias: dict[str, float] | None = None
+        # extension: TinyStories-Instruct instructions, put before the prompt (which then opens the story)
+        words: str | list[str] | None = Field(None, description="extension: words the story must use")
+        features: str | list[str] | None = Field(None, description=f"extension: from {', '.join(FEATURES)}")
+        summary: str | None = Field(None, max_length=cfg.max_prompt_chars, description="extension: the plot")
+        sentence: str | None = Field(None, max_length=cfg.max_prompt_chars,
+                                     description="extension: a sentence the story must contain")
 
         @field_validator("prompt", mode="before")
         @classmethod
@@ -311,11 +318,25 @@ def _request_model(cfg: ServeConfig, context_length: int, vocab_size: int) -> ty
             rows = (1 if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else len(self.prompt))
             if rows * self.n > cfg.max_rows:
                 raise ValueError(f"prompts x n is {rows * self.n}; the limit is {cfg.max_rows}")
+            p = self.prompt
+            if self.instructions() and not (isinstance(p, str) or isinstance(p[0], str)):
+                raise ValueError("words, features, summary and sentence need a text prompt, not token ids")
             return self
+
+        def instructions(self) -> str:
+            """The instruction header ('' without instructions); a UserError (a ValueError) if invalid."""
+            if all(v is None for v in (self.words, self.features, self.summary, self.sentence)):
+                return ""
+            words, features = (split_list(v) if isinstance(v, str) else v or [] for v in (self.words, self.features))
+            if self.words is not None and not words:
+                raise ValueError("words: no words (give 'frog, jump, shiny' or a list)")
+            return build_prompt(words=words, features=features, summary=self.summary, sentence=self.sentence)
 
         def prompts(self) -> list[str | list[int]]:
             p = self.prompt
-            return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
+            rows = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
+            header = self.instructions()
+            return [header + r for r in rows] if header else rows
 
         def stops(self) -> list[str]:
             return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

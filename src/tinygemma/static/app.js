@@ -32,6 +32,10 @@ async function tell() {
   };
   const seed = number("seed");
   if (seed !== null) body.seed = seed;
+  // TinyStories-Instruct instructions: API extension fields, sent only when filled in
+  for (const k of ["words", "summary", "sentence"]) if ($(k).value.trim()) body[k] = $(k).value.trim();
+  const features = [...document.querySelectorAll("#features input:checked")].map((c) => c.value);
+  if (features.length) body.features = features;
   for (const k of Object.keys(body)) if (body[k] === null || Number.isNaN(body[k])) delete body[k];
 
   $("story-prompt").textContent = prompt;
