@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("tinygemma.cli", "show a model's config, parameter counts and FLOPs per token"),
     "prepare": ("tinygemma.data", "tokenize TinyStories into train/val token files"),
     "train": ("tinygemma.trainer", "pre-train a model on prepared data"),
+    "finetune": ("tinygemma.trainer", "fine-tune a checkpoint on instruct records (masked loss)"),
     "generate": ("tinygemma.generate", "write stories from a checkpoint (KV-cache sampling)"),
     "eval": ("tinygemma.evaluate", "mean loss and perplexity of a checkpoint over a whole data split"),
     "samples": ("tinygemma.evaluate", "a Markdown/HTML report of sampled stories with automatic measures"),

@@ -54,6 +54,8 @@ class TrainConfig:
     data: str = field(default="data/tinystories", metadata={"help": "prepared data folder"})
     out: str = field(default="runs/gemma3-270m", metadata={"help": "run folder (checkpoints, metrics, plots)"})
     model: str = field(default="gemma3-270m", metadata={"help": "preset (gemma3-270m|small|tiny) or config JSON"})
+    finetune_from: str | None = field(default=None, metadata={"help": "start from this checkpoint's weights and "
+                                                                       "train on instruct records (finetune)"})
     seed: int = 1337
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA, fp32 on CPU)|bf16|fp32"})
@@ -173,30 +175,48 @@ def resolve_config(base: dict[str, Any], overrides: dict[str, Any]) -> TrainConf
 class Sampler:
     """Random windows of block_size + 1 tokens; the global batch of a step depends only on (seed, step)."""
 
+    kind = "random_windows"
+
     def __init__(self, tokens: np.ndarray, block_size: int, micro_batch: int, grad_accum: int,
                  rank: int, world: int, seed: int):
         self.tokens, self.block, self.micro, self.accum = tokens, block_size, micro_batch, grad_accum
         self.rank, self.world, self.seed = rank, world, seed
 
-    def _windows(self, starts: np.ndarray) -> torch.Tensor:
+    def _choices(self) -> int:
+        return len(self.tokens) - self.block  # window starts
+
+    def _batch(self, starts: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.tokens[i: i + self.block + 1] for i in starts]).astype(np.int64))
 
-    def _draw(self, rng: np.random.Generator, count: int) -> list[torch.Tensor]:
+    def _draw(self, rng: np.random.Generator, count: int) -> list:
         """``count`` global batches from ``rng``; this rank's slice of each."""
-        starts = rng.integers(0, len(self.tokens) - self.block, size=(count, self.world, self.micro))
-        return [self._windows(starts[i, self.rank]) for i in range(count)]
+        picks = rng.integers(0, self._choices(), size=(count, self.world, self.micro))
+        return [self._batch(picks[i, self.rank]) for i in range(count)]
 
-    def step_batches(self, step: int) -> list[torch.Tensor]:
+    def step_batches(self, step: int) -> list:
         """This rank's micro-batches for optimizer step ``step``: grad_accum tensors of (micro, block+1)."""
         return self._draw(np.random.default_rng([self.seed, 0, step]), self.accum)
 
-    def fixed_batches(self, purpose: int, count: int) -> list[torch.Tensor]:
+    def fixed_batches(self, purpose: int, count: int) -> list:
         """``count`` global batches that are the same at every evaluation."""
         return self._draw(np.random.default_rng([self.seed, purpose]), count)
 
     def state(self) -> dict[str, Any]:
-        return {"kind": "random_windows", "seed": self.seed, "world": self.world, "micro_batch": self.micro,
+        return {"kind": self.kind, "seed": self.seed, "world": self.world, "micro_batch": self.micro,
                 "grad_accum": self.accum, "block_size": self.block}
+
+
+class RecordSampler(Sampler):
+    """Fine-tuning: whole instruct records, one per row from its start (padded, never packed, so no row
+    attends across records); batches are (x, y) with y = -100 where the loss does not train."""
+
+    kind = "random_records"
+
+    def _choices(self) -> int:
+        return len(self.tokens)  # records of an InstructDataset
+
+    def _batch(self, records: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tokens.batch(records, self.block)
 
 
 # -- schedule -------------------------------------------------------------------------------------------

@@ -28,10 +28,13 @@ import torch.distributed as dist
 from tinygemma import run
 from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict, to_dict
 from tinygemma.data import TokenDataset
-from tinygemma.model import Gemma3, load_model_config
+from tinygemma.instruct import InstructDataset
+from tinygemma.model import Gemma3, ModelConfig, load_model_config
 from tinygemma.plots import write_plots
+from tinygemma.tokenizer import EOT_ID, VOCAB_SIZE
 from tinygemma.train import (
     RESUMABLE_KEYS,
+    RecordSampler,
     Sampler,
     Stop,
     TrainConfig,
@@ -169,19 +172,25 @@ class Trainer:
         self._setup_logging()
 
     def _setup_data(self) -> None:
-        cfg = self.cfg
-        train_data = TokenDataset(cfg.data, "train", vocab_size=self.model_cfg.vocab_size)
-        val_data = TokenDataset(cfg.data, "val", vocab_size=self.model_cfg.vocab_size)
-        for ds in (train_data, val_data):
-            if len(ds) <= cfg.block_size:
-                raise UserError(f"block_size {cfg.block_size} needs more than {len(ds)} tokens ({ds.path})")
+        cfg, vocab = self.cfg, self.model_cfg.vocab_size
+        if cfg.finetune_from is not None:  # instruct records, one per row
+            train_data, val_data = (InstructDataset(cfg.data, split, vocab_size=vocab) for split in ("train", "val"))
+            sampler = RecordSampler
+        else:
+            train_data, val_data = (TokenDataset(cfg.data, split, vocab_size=vocab) for split in ("train", "val"))
+            sampler = Sampler
+            for ds in (train_data, val_data):
+                if len(ds) <= cfg.block_size:
+                    raise UserError(f"block_size {cfg.block_size} needs more than {len(ds)} tokens ({ds.path})")
         self.run_config = {"train": to_dict(cfg), "model": to_dict(self.model_cfg), "recipe": self.recipe,
                            "world_size": self.world,
                            "data_meta": {s: train_data.meta["splits"][s]["sha256"] for s in train_data.meta["splits"]}}
-        self.sampler = Sampler(train_data.tokens, cfg.block_size, cfg.micro_batch, cfg.grad_accum, self.rank,
-                               self.world, cfg.seed)
+        source = train_data if sampler is RecordSampler else train_data.tokens
+        self.sampler = sampler(source, cfg.block_size, cfg.micro_batch, cfg.grad_accum, self.rank, self.world,
+                               cfg.seed)
         # the evaluation batches never change: move them to the device once
-        val_sampler = Sampler(val_data.tokens, cfg.block_size, cfg.micro_batch, 1, self.rank, self.world, cfg.seed)
+        val_source = val_data if sampler is RecordSampler else val_data.tokens
+        val_sampler = sampler(val_source, cfg.block_size, cfg.micro_batch, 1, self.rank, self.world, cfg.seed)
         self.val_batches = [self.to_device(b) for b in val_sampler.fixed_batches(1, cfg.eval_batches)]
         self.train_eval_batches = [self.to_device(b) for b in self.sampler.fixed_batches(2, cfg.eval_batches)]
 
@@ -226,10 +235,11 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg, device = self.cfg, self.device
         torch.manual_seed(cfg.seed)
-        if self.ckpt is not None:
-            self.model = Gemma3.from_pretrained(self.ckpt)
+        start = self.ckpt if self.ckpt is not None else cfg.finetune_from
+        if start is not None:
+            self.model = Gemma3.from_pretrained(start)
             if self.model.config != self.model_cfg:
-                raise UserError(f"{self.ckpt}: the checkpoint's model differs from --model {cfg.model}")
+                raise UserError(f"{start}: the checkpoint's model differs from --model {cfg.model}")
         else:
             self.model = Gemma3(self.model_cfg)
         self.model.to(device)
@@ -326,10 +336,12 @@ class Trainer:
     def is_eval_step(self) -> bool:
         return self.state.step % self.cfg.eval_interval == 0 or self.state.step >= self.total_steps()
 
-    def to_device(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_device(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) on the device, from a window of block + 1 tokens or an (x, y) pair of records."""
+        x, y = batch if isinstance(batch, tuple) else (batch[:, :-1], batch[:, 1:])
         if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return batch[:, :-1], batch[:, 1:]
+            x, y = (t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
+        return x, y
 
     def train_step(self, stop_requested: bool = False) -> StepResult:
         """One optimizer step: batches of this step, forward/backward, the ranks' vote on stopping, the update."""
@@ -500,18 +512,31 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
 
 
 # -- command line ---------------------------------------------------------------------------------------
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="pre-train a model on prepared data",
-                              description="Pre-train a Gemma 3 preset; flags override the recipe, --set KEY=VALUE "
-                                          "sets any TrainConfig field.")
-    p.add_argument("--recipe", default=None, help="default | tutorial | a JSON file (default: default)")
+def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, metavar="auto|CKPT", help="continue the latest checkpoint in --out "
                                                                         "(auto) or a given checkpoint folder")
     p.add_argument("--force", action="store_true", help="start over in an --out that holds another run")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field (repeatable), e.g. --set lr=3e-4")
-    add_dataclass_args(p, TrainConfig)
+    add_dataclass_args(p, TrainConfig, skip=("finetune_from",))
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="pre-train a model on prepared data",
+                              description="Pre-train a Gemma 3 preset; flags override the recipe, --set KEY=VALUE "
+                                          "sets any TrainConfig field.")
+    p.add_argument("--recipe", default=None, help="default | tutorial | a JSON file (default: default)")
+    _common_args(p)
     p.set_defaults(func=_main)
+    p = subparsers.add_parser("finetune", help="fine-tune a checkpoint on instruct records (masked loss)",
+                              description="Continue a pre-trained checkpoint on TinyStories-Instruct records made by "
+                                          "`tinygemma prepare --instruct` or `--derive-instructions`: one record per "
+                                          "sequence, the loss on the story and its final <|endoftext|> only. The "
+                                          "same run folder, resume, signals and metrics as train.")
+    p.add_argument("checkpoint", metavar="CKPT", help="the pre-trained checkpoint (or run folder: its best/)")
+    p.add_argument("--recipe", default=None, help="finetune | a JSON file (default: finetune)")
+    _common_args(p)
+    p.set_defaults(func=_finetune)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -519,3 +544,21 @@ def _main(args: argparse.Namespace) -> int:
     Trainer(overrides, recipe=args.recipe, resume=args.resume, force=args.force).fit()
     return 0
 
+
+def _finetune(args: argparse.Namespace) -> int:
+    overrides = {**dataclass_overrides(args, TrainConfig), **parse_sets(args.sets)}
+    finetune(args.checkpoint, overrides, recipe=args.recipe, resume=args.resume, force=args.force)
+    return 0
+
+
+def finetune(checkpoint: str | Path, overrides: dict[str, Any], *, recipe: str | None = None,
+             resume: str | None = None, force: bool = False) -> TrainState:
+    """Fine-tune ``checkpoint`` on the instruct records of ``overrides["data"]``; the model is the checkpoint's."""
+    start = run.resolve_checkpoint(checkpoint).resolve()
+    model_cfg = ModelConfig.from_folder(start)
+    if model_cfg.vocab_size != VOCAB_SIZE or model_cfg.eot_token_id != EOT_ID:
+        raise UserError(f"{start}: not a GPT-2-tokenizer model (vocab {model_cfg.vocab_size}, end-of-text id "
+                        f"{model_cfg.eot_token_id}); tinygemma's instruct data is GPT-2 tokens")
+    overrides = {**overrides, "finetune_from": str(start), "model": str(start)}
+    recipe = recipe or (None if resume else "finetune")  # a resumed run keeps its own
+    return Trainer(overrides, recipe=recipe, resume=resume, force=force).fit()
