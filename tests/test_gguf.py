@@ -1,0 +1,183 @@
+"""GGUF export: the file's contents read back with the gguf package, bad input refused with nothing written,
+and (marked ``llamacpp``, run by ``make test-gguf``) the file run by llama.cpp itself through llama-cpp-python."""
+
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from tinygemma.cli import main
+from tinygemma.config import UserError
+from tinygemma.gguf_export import export_gguf, gpt2_vocab
+from tinygemma.model import FULL, PRESETS, SLIDING, Gemma3, ModelConfig
+from tinygemma.tokenizer import EOT_ID
+
+# six layers (five sliding, one full), as llama.cpp's gemma3 runs them, narrow so that tests stay quick
+NARROW = dict(context_length=256, hidden_size=64, num_layers=6, num_heads=2, num_kv_heads=1, head_dim=32,
+              intermediate_size=128, sliding_window=16, query_pre_attn_scalar=32)
+
+
+@pytest.fixture(scope="module")
+def narrow_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Gemma3(ModelConfig(**NARROW))
+    with torch.no_grad():  # norm weights are zero at init; random ones check that 1 + w is stored
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.5)
+    return model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "narrow")
+
+
+def read(path) -> tuple[dict, dict]:
+    """The file's key/values (tokens and merges left out) and tensors, as the gguf package reads them."""
+    reader = gguf.GGUFReader(path)
+    kv = {k: f.contents() for k, f in reader.fields.items() if k not in ("tokenizer.ggml.tokens",
+          "tokenizer.ggml.token_type", "tokenizer.ggml.merges")}
+    for k in ("tokens", "merges"):
+        if f"tokenizer.ggml.{k}" in reader.fields:
+            kv[f"n_{k}"] = len(reader.fields[f"tokenizer.ggml.{k}"].data)
+    return kv, {t.name: t for t in reader.tensors}
+
+
+@pytest.fixture(scope="module")
+def f16_file(narrow_ckpt, tmp_path_factory):
+    return read(export_gguf(narrow_ckpt, tmp_path_factory.mktemp("gguf") / "m.gguf", "f16"))
+
+
+# -- the tokenizer --------------------------------------------------------------------------------
+def test_gpt2_vocab_is_gpt2s(tokenizer):
+    tokens, merges = gpt2_vocab()
+    assert len(tokens) == 50257 and len(merges) == 50000 and tokens[EOT_ID] == "<|endoftext|>"
+    # the first and last lines of GPT-2's merges.txt
+    assert merges[:5] == ["Ġ t", "Ġ a", "h e", "i n", "r e"] and merges[-1] == "Ġg azed"
+    assert tokens[tokenizer.encode(" the")[0]] == "Ġthe" and tokens[198] == "Ċ"
+    # every merge joins two tokens into a token ranked after both
+    index = {t: i for i, t in enumerate(tokens)}
+    for rank, m in enumerate(merges):
+        a, b = m.split(" ")
+        assert max(index[a], index[b]) < index[a + b] == 256 + rank
+
+
+# -- the file -------------------------------------------------------------------------------------
+def test_file_holds_what_llama_cpp_reads(f16_file):
+    kv, tensors = f16_file
+    assert kv["general.architecture"] == "gemma3" and kv["general.license"] == "apache-2.0"
+    assert kv["general.dataset.0.name"] == "TinyStories" and "TinyStories" in kv["general.description"]
+    expected = {"context_length": 256, "embedding_length": 64, "block_count": 6, "feed_forward_length": 128,
+                "attention.head_count": 2, "attention.head_count_kv": 1, "attention.key_length": 32,
+                "attention.value_length": 32, "attention.sliding_window": 16,
+                "rope.freq_base": 1_000_000.0, "rope.freq_base_swa": 10_000.0}
+    assert {k: kv[f"gemma3.{k}"] for k in expected} == expected
+    assert kv["gemma3.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    assert kv["gemma3.attention.sliding_window_pattern"] == [True] * 5 + [False]
+    tok = {k: kv[f"tokenizer.ggml.{k}"] for k in ("model", "pre", "add_bos_token", "bos_token_id", "eos_token_id",
+                                                   "padding_token_id")}
+    assert tok == {"model": "gpt2", "pre": "gpt-2", "add_bos_token": False, "bos_token_id": EOT_ID,
+                   "eos_token_id": EOT_ID, "padding_token_id": EOT_ID}
+    assert (kv["n_tokens"], kv["n_merges"]) == (50257, 50000)
+    # 2 + 6 * 13 tensors under llama.cpp's names; no output.weight (tied): llama.cpp reuses token_embd
+    assert len(tensors) == 2 + 6 * 13 and "output.weight" not in tensors
+    assert {"token_embd.weight", "output_norm.weight", "blk.0.attn_q_norm.weight", "blk.5.post_attention_norm.weight",
+            "blk.5.post_ffw_norm.weight", "blk.5.ffn_gate.weight"} <= set(tensors)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_weights_stored_as_llama_cpp_computes_with_them(narrow_ckpt, f16_file, tmp_path, monkeypatch, dtype):
+    if dtype == "f16":
+        tensors = f16_file[1]
+    else:  # 100,000 token strings make reading slow: these files go without them
+        monkeypatch.setattr("tinygemma.gguf_export._add_tokenizer", lambda w: None)
+        tensors = read(export_gguf(narrow_ckpt, tmp_path / "m.gguf", dtype))[1]
+    state = Gemma3.from_pretrained(narrow_ckpt).state_dict()
+    norm = tensors["blk.2.post_ffw_norm.weight"]  # norms: f32, and 1 + w (llama.cpp multiplies by the weight)
+    assert norm.tensor_type == gguf.GGMLQuantizationType.F32
+    assert np.array_equal(norm.data, state["model.layers.2.post_feedforward_layernorm.weight"].numpy() + 1)
+    w = state["model.layers.5.mlp.down_proj.weight"].numpy()
+    t = tensors["blk.5.ffn_down.weight"]
+    assert t.tensor_type.name == dtype.upper() and tuple(t.shape) == (128, 64)  # ggml's order: (in, out)
+    got = gguf.dequantize(t.data, t.tensor_type).reshape(w.shape)
+    # f16: round to nearest, half an ulp; q8_0: one f16 scale (max |w| / 127) per 32 values, half a step
+    # plus the scale's own rounding
+    tol = {"f32": 0, "f16": np.abs(w).max() * 2 ** -11, "q8_0": np.abs(w).max() / 127 * 0.51}[dtype]
+    assert np.abs(got - w).max() <= tol
+
+
+def test_cli_export_gguf(narrow_ckpt, tmp_path, capsys):
+    assert main(["export", str(narrow_ckpt), str(tmp_path / "m.gguf"), "--format", "gguf", "--dtype", "q8_0"]) == 0
+    assert f"{(tmp_path / 'm.gguf').stat().st_size:,} bytes" in capsys.readouterr().out
+    assert (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"
+
+
+def _write_variant(folder, **changes):
+    torch.manual_seed(0)
+    return Gemma3(ModelConfig(**{**NARROW, **changes})).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("changes, flags, message", [
+    ({}, ["--dtype", "q4_0"], "--dtype 'q4_0': choose f32, f16, q8_0"),
+    ({}, ["--format", "onnx"], "--format 'onnx': choose hf or gguf"),
+    ({"vocab_size": 1000, "eot_token_id": 999}, [], "vocabulary of 1000 tokens with end of text 999 is not GPT-2's"),
+    ({"num_layers": 3, "layer_types": [SLIDING, SLIDING, FULL]}, [],
+     "layer pattern SSF differs from llama.cpp's gemma3 pattern SSS"),
+    ({"rope_local_base": 20_000.0}, [], "local RoPE base 20000 differs from llama.cpp's gemma3 10000"),
+    ({"query_pre_attn_scalar": 64}, [], "query_pre_attn_scalar 64 differs from the 32 llama.cpp uses"),
+    ({"intermediate_size": 100}, ["--dtype", "q8_0"], "q8_0 needs rows of a multiple of 32 values"),
+])
+def test_bad_input_refused_in_one_line_with_nothing_written(tmp_path, capsys, changes, flags, message):
+    ckpt = _write_variant(tmp_path / "ckpt", **changes)
+    out = tmp_path / "out" / "m.gguf"
+    assert main(["export", str(ckpt), str(out), "--format", "gguf", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.parent.exists()
+
+
+def test_tiny_preset_refused(tmp_path):
+    ckpt = Gemma3(ModelConfig(**PRESETS["tiny"])).save_pretrained(tmp_path / "tiny")
+    with pytest.raises(UserError, match="layer pattern SSF"):
+        export_gguf(ckpt, tmp_path / "tiny.gguf")
+
+
+def test_existing_output_needs_force(narrow_ckpt, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    assert main(["export", str(narrow_ckpt), str(out), "--format", "gguf"]) == 2
+    assert "exists (use --force to replace it)" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me" and os.listdir(tmp_path) == ["m.gguf"]
+    assert main(["export", str(narrow_ckpt), str(out), "--format", "gguf", "--force"]) == 0
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_export_leaves_no_partial_file(narrow_ckpt, tmp_path, monkeypatch, existing):
+    out = tmp_path / "m.gguf"
+    if existing:
+        out.write_bytes(b"previous export")
+    real = gguf.GGUFWriter.write_tensors_to_file
+
+    def half_then_interrupt(self, *args, **kwargs):
+        self.fout[0].write(b"\0" * 4096)  # some tensor bytes reach the disk, then the user presses Ctrl-C
+        self.fout[0].flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(narrow_ckpt, out, "f16", force=True)
+    assert os.listdir(tmp_path) == (["m.gguf"] if existing else [])
+    if existing:
+        assert out.read_bytes() == b"previous export"
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", real)
+    export_gguf(narrow_ckpt, out, "f16", force=True)
+    assert os.listdir(tmp_path) == ["m.gguf"]
+
+
+# -- llama.cpp itself (make test-gguf) --------------------------------------------------------------
+NEW_TOKENS = 120
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make test-gguf` "
+                                                   "installs it and runs these tests")
