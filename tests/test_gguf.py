@@ -181,3 +181,76 @@ NEW_TOKENS = 120
 def llama_cpp():
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make test-gguf` "
                                                    "installs it and runs these tests")
+
+
+@pytest.fixture(scope="module")
+def trained(llama_cpp, data_dir, tmp_path_factory):
+    """The `small` preset (six layers: five sliding + one full, local RoPE base 10k, global 1M) trained briefly
+    on the sample, so that greedy text is made of words and each step's top logits stand apart."""
+    out = tmp_path_factory.mktemp("small-run")
+    assert main(["train", "--data", str(data_dir), "--out", str(out), "--model", "small", "--block-size", "64",
+                 "--micro-batch", "16", "--grad-accum", "1", "--lr", "3e-3", "--max-steps", TRAIN_STEPS,
+                 "--eval-interval", TRAIN_STEPS, "--eval-batches", "1", "--no-progress", "--no-compile"]) == 0
+    return resolve_checkpoint(out)
+
+
+@pytest.fixture(scope="module")
+def ggufs(trained, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gguf")
+    return {d: export_gguf(trained, folder / f"small-{d}.gguf", d) for d in ("f32", "f16", "q8_0")}
+
+
+def load(llama_cpp, path, **kwargs):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
+                           verbose=False, **kwargs)
+
+
+def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """llama.cpp's greedy continuation, past <|endoftext|> too (argmax of its logits at each step)."""
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(out[-1:])
+    return out
+
+
+def llama_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)])
+
+
+@pytest.fixture(scope="module")
+def greedy(trained, tokenizer):
+    """tinygemma's greedy stories for the tutorial's prompts (as `generate --greedy`), NEW_TOKENS each: the
+    end-of-text id is switched off so that every story runs the full length."""
+    model = load_checkpoint(trained)
+    model.config.eot_token_id = -1
+    prompts = encode_prompts(tokenizer, TUTORIAL_PROMPTS)
+    cfg = SamplingConfig(max_new_tokens=NEW_TOKENS, greedy=True)
+    return model, [(ids, generate_ids(model, [ids], cfg)[0]) for ids in prompts]
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_loads_the_file_as_exported(llama_cpp, ggufs, tokenizer):
+    llm = load(llama_cpp, ggufs["f32"], vocab_only=True)
+    assert llm.n_vocab() == 50257 and llm.metadata["general.architecture"] == "gemma3"
+    assert llm.token_bos() == llm.token_eos() == EOT_ID
+    text = "Once upon a time, Lily said: \"Hi!\"\n"
+    # no automatic bos even when the caller asks for special tokens; <|endoftext|> is parsed only when asked
+    assert llm.tokenize(text.encode(), add_bos=True) == tokenizer.encode(text)
+    assert llm.tokenize(b"<|endoftext|>Once", add_bos=False, special=True) == [EOT_ID] + tokenizer.encode("Once")
+    assert llm.tokenize(b"<|endoftext|>", add_bos=False) == tokenizer.encode("<|endoftext|>")
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_tokenizer_equals_tiktoken_on_every_validation_story(llama_cpp, ggufs, sample_stories, tokenizer):
+    llm = load(llama_cpp, ggufs["f32"], vocab_only=True)
+    stories = sample_stories["val"]
+    assert len(stories) == 800
+    for story in stories:
+        ids = tokenizer.encode(story)
+        assert llm.tokenize(story.encode(), add_bos=False) == ids, story[:60]
+        assert llm.detokenize(ids) == story.encode()
