@@ -1,4 +1,5 @@
-# `make demo` runs the main job on the CPU; `make test` runs the tests. Both set up .venv.
+# `make demo` runs the main job on the CPU; `make test` runs the tests; `make test-gguf` the llama.cpp checks.
+# All set up .venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED := $(abspath ../shared/data)
@@ -11,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/tinystories),)
 export TINYSTORIES_DIR ?= $(SHARED)/tinystories
 endif
 
-.PHONY: setup browser test lint demo clean
+.PHONY: setup browser test test-gguf lint demo clean
 
 setup: $(VENV)/.installed
 
@@ -34,7 +35,19 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: setup browser lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not llamacpp"
+
+# llama-cpp-python compiles llama.cpp from source (12+ minutes on 2 cores): the wheel is built once into
+# WHEELS and installed from there afterwards.
+LLAMA_CPP := llama-cpp-python==0.3.36
+WHEELS ?= $(HOME)/.cache/tinygemma-wheels
+
+test-gguf: setup
+	@$(PY) -c 'import llama_cpp' 2>/dev/null || { \
+	  { ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+	    CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip wheel -q --no-deps -w $(WHEELS) $(LLAMA_CPP); } && \
+	  $(PY) -m pip install -q --find-links $(WHEELS) $(LLAMA_CPP); }
+	$(PY) -m pytest -q -m llamacpp
 
 demo: setup
 	bash scripts/demo.sh

@@ -269,13 +269,22 @@ def model_card(cfg: ModelConfig, info: CardInfo, name: str) -> str:
 class ExportConfig:
     source: str = ""
     out: str = ""
-    dtype: str | None = field(default=None, metadata={"help": "bf16 or fp32; None keeps the stored dtype"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "hf: bf16 or fp32, None keeps the stored dtype; gguf: f32, f16 or q8_0, None means f16"})
     force: bool = field(default=False, metadata={"help": "replace OUT if it exists and is not empty"})
+    format: str = field(default="hf", metadata={"help": "hf (a Hugging Face folder) or gguf (one file for llama.cpp)"})
 
 
 def export(cfg: ExportConfig) -> Path:
-    """Copy checkpoint ``cfg.source`` to ``cfg.out`` with only the Hugging Face files; atomic."""
+    """Copy checkpoint ``cfg.source`` to ``cfg.out`` with only the Hugging Face files (or, with format gguf,
+    write it as one GGUF file: see tinygemma.gguf_export); atomic."""
 
+    if cfg.format not in ("hf", "gguf"):
+        raise UserError(f"--format {cfg.format!r}: choose hf or gguf")
+    if cfg.format == "gguf":
+        from tinygemma.gguf_export import export_gguf  # the gguf package is needed only here
+
+        return export_gguf(cfg.source, cfg.out, cfg.dtype or "f16", force=cfg.force)
     src = resolve_checkpoint(cfg.source)
     out = Path(cfg.out)
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
@@ -312,7 +321,7 @@ def _export_cmd(args: argparse.Namespace) -> int:
     cfg = from_dict(ExportConfig, {"source": args.checkpoint, "out": args.out,
                                    **dataclass_overrides(args, ExportConfig)}, "export")
     out = export(cfg)
-    sizes = sorted((p.name, p.stat().st_size) for p in out.iterdir())
+    sizes = sorted((p.name, p.stat().st_size) for p in (out.iterdir() if out.is_dir() else [out]))
     print(f"exported {cfg.source} -> {out}")
     for name, size in sizes:
         print(f"  {name:<26}{size:>14,} bytes")
@@ -323,8 +332,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="copy a checkpoint to a clean Hugging Face model folder (no trainer state)",
                        description="Copy a checkpoint (or a run folder's best/) to OUT with config.json, "
                                    "model.safetensors, tokenizer files, generation_config.json and a model card; "
-                                   "optimizer and trainer state stay behind.")
+                                   "optimizer and trainer state stay behind. With --format gguf, OUT is one "
+                                   ".gguf file for llama.cpp and ollama.")
     add_checkpoint_arg(p)
-    p.add_argument("out", metavar="OUT", help="folder to create")
+    p.add_argument("out", metavar="OUT", help="folder to create (a .gguf file with --format gguf)")
     add_dataclass_args(p, ExportConfig, skip=("source", "out"))
     p.set_defaults(func=_export_cmd)
