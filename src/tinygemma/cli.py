@@ -17,7 +17,7 @@ from tinygemma.config import UserError
 # Stage modules, in pipeline order; each defines add_commands(subparsers).
 STAGES: tuple[str, ...] = (
     "tinygemma.data", "tinygemma.train", "tinygemma.generate", "tinygemma.evaluate", "tinygemma.export",
-    "tinygemma.serve", "tinygemma.judge",
+    "tinygemma.serve", "tinygemma.judge", "tinygemma.report",
 )
 
 

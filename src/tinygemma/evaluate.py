@@ -341,11 +341,12 @@ def sample_report(model: Gemma3, tokenizer: Tokenizer, prompts: list[str] | None
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|])")
 
 
-def _md(text: str) -> str:
+def md_escape(text: str) -> str:
+    """Markdown with its special characters escaped."""
     return _MD_SPECIAL.sub(r"\\\1", text)
 
 
-def _fmt(key: str, value) -> str:
+def format_measure(key: str, value) -> str:
     if key == "ended_with_eot":
         return f"{value:.0%}" if isinstance(value, float) else ("yes" if value else "no")
     if isinstance(value, float):
@@ -361,16 +362,17 @@ MEASURES = [("ended_with_eot", "ends with <|endoftext|>"), ("repeated_4gram_rate
 
 def render_markdown(report: dict, title: str) -> str:
     o = report["overall"]
-    lines = [f"# {_md(title)}", "", "Sampling: " + ", ".join(f"{k}={v}" for k, v in report["config"].items()), "",
-             "| " + " | ".join(_md(label) for _, label in MEASURES) + " |",
+    lines = [f"# {md_escape(title)}", "", "Sampling: " + ", ".join(f"{k}={v}" for k, v in report["config"].items()), "",
+             "| " + " | ".join(md_escape(label) for _, label in MEASURES) + " |",
              "|" + "---:|" * len(MEASURES),
-             "| " + " | ".join(_fmt(k, o[k]) for k, _ in MEASURES) + " |", ""]
+             "| " + " | ".join(format_measure(k, o[k]) for k, _ in MEASURES) + " |", ""]
     for s in report["samples"]:
         suffix = f" — sample {s['sample'] + 1}" if s["sample"] else ""
-        lines += [f"## {_md(s['prompt']) or '(empty prompt)'}{suffix}", ""]
+        lines += [f"## {md_escape(s['prompt']) or '(empty prompt)'}{suffix}", ""]
         story = s["prompt"] + s["text"] + (" ⟨end⟩" if s["ended_with_eot"] else " ⟨cut⟩")
-        lines += ["> " + _md(line) for line in story.split("\n")]
-        lines += ["", "*" + ", ".join(f"{_md(label)}: {_fmt(k, s[k])}" for k, label in MEASURES) + "*", ""]
+        lines += ["> " + md_escape(line) for line in story.split("\n")]
+        measures = ", ".join(f"{md_escape(label)}: {format_measure(k, s[k])}" for k, label in MEASURES)
+        lines += ["", "*" + measures + "*", ""]
     return "\n".join(lines)
 
 
@@ -382,13 +384,14 @@ def render_html(report: dict, title: str) -> str:
             "blockquote{white-space:pre-wrap;border-left:3px solid #ccc;padding-left:1em}"
             ".m{color:#666;font-size:90%}</style></head><body>",
             f"<h1>{e(title)}</h1><p>Sampling: {e(', '.join(f'{k}={v}' for k, v in report['config'].items()))}</p>",
-            f"<table><tr>{head}</tr><tr>" + "".join(f"<td>{e(_fmt(k, o[k]))}</td>" for k, _ in MEASURES)
+            f"<table><tr>{head}</tr><tr>" + "".join(f"<td>{e(format_measure(k, o[k]))}</td>" for k, _ in MEASURES)
             + "</tr></table>"]
     for s in report["samples"]:
         end = "⟨end⟩" if s["ended_with_eot"] else "⟨cut⟩"
         body += [f"<h2>{e(s['prompt']) or '(empty prompt)'}</h2>",
                  f"<blockquote><b>{e(s['prompt'])}</b>{e(s['text'])} {end}</blockquote>",
-                 "<p class='m'>" + ", ".join(f"{e(label)}: {e(_fmt(k, s[k]))}" for k, label in MEASURES) + "</p>"]
+                 "<p class='m'>" + ", ".join(f"{e(label)}: {e(format_measure(k, s[k]))}" for k, label in MEASURES)
+                 + "</p>"]
     return "\n".join(body + ["</body></html>", ""])
 
 
@@ -428,7 +431,7 @@ def _samples(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     o = report["overall"]
-    print(", ".join(f"{label}: {_fmt(k, o[k])}" for k, label in MEASURES))
+    print(", ".join(f"{label}: {format_measure(k, o[k])}" for k, label in MEASURES))
     print(f"wrote {out} and {out.with_suffix('.html')}")
     return 0
 
