@@ -1,12 +1,14 @@
 """Do the offline measures separate good models from bad? Random weights vs the demo's tiny model vs a small one.
 
-    python bench/evaluate.py                        # CPU: trains tiny and small for a few minutes each
-    python bench/evaluate.py --minutes 30 --device cuda
+    python bench/evaluate.py --tiny runs/demo       # the demo's run; trains the small preset for 120 steps
+    python bench/evaluate.py --small-steps 2000 --device cuda
 
-Prepares the TinyStories sample, trains the ``tiny`` preset with the demo's settings and the ``small`` preset
-with the same batch for ``--minutes`` each, and scores both and a ``tiny`` model with random weights
-(the baseline) on the whole validation split, as ``tinygemma eval`` does: loss, bits per byte, and context
-use on the first 200 held-out stories. Ratios are to the random model.
+Prepares the TinyStories sample; trains the ``tiny`` preset with the demo's recipe (scripts/demo.sh) for
+``--tiny-steps`` unless ``--tiny`` names a run or checkpoint, and the ``small`` preset with the same batch
+for ``--small-steps`` unless ``--small`` does; then scores both and a ``tiny`` model with random weights
+(the baseline) on the whole validation split as ``tinygemma eval`` does (windows of 128): loss, bits per
+byte, and context use on the first 200 held-out stories. Step budgets, not time budgets, so that a busy
+machine changes the run time, not the models.
 """
 
 from __future__ import annotations
@@ -23,20 +25,25 @@ import torch
 from tinygemma.cli import main as cli
 from tinygemma.data import PrepareConfig, prepare
 from tinygemma.evaluate import EvalConfig, evaluate_checkpoint
+from tinygemma.generate import resolve_checkpoint
 from tinygemma.model import Gemma3, load_model_config
 
 
-def train(model: str, data: Path, out: Path, minutes: float, device: str) -> None:
-    """The demo's recipe (scripts/demo.sh) under a time budget."""
+def train(model: str, data: Path, out: Path, steps: int, device: str) -> Path:
+    """The demo's recipe (scripts/demo.sh; LR 1e-3 for the bigger ``small``) for ``steps`` steps."""
     assert cli(["train", "--data", str(data), "--out", str(out), "--model", model, "--device", device,
                 "--block-size", "128", "--micro-batch", "16", "--grad-accum", "1", "--lr", "3e-3" if model == "tiny"
-                else "1e-3", "--warmup-steps", "20", "--time-budget", str(minutes), "--eval-interval", "50",
-                "--eval-batches", "4", "--no-progress", "--log-interval", "50"]) == 0
+                else "1e-3", "--warmup-steps", "20", "--max-steps", str(steps), "--eval-interval", str(steps),
+                "--eval-batches", "4", "--no-progress", "--log-interval", "20"]) == 0
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, default=3.0, help="training time per trained model")
+    p.add_argument("--tiny", help="a trained tiny run or checkpoint (default: train one)")
+    p.add_argument("--small", help="a trained small run or checkpoint (default: train one)")
+    p.add_argument("--tiny-steps", type=int, default=360, help="the demo's 360 steps of 16 x 128 tokens")
+    p.add_argument("--small-steps", type=int, default=120)
     p.add_argument("--source", default=os.environ.get("TINYSTORIES_DIR", "../shared/data/tinystories"))
     p.add_argument("--context-stories", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -46,14 +53,15 @@ def main() -> None:
         tmp = Path(tmp)
         prepare(PrepareConfig(source=args.source, out=str(tmp / "data")))
         torch.manual_seed(0)
-        Gemma3(load_model_config("tiny")).save_pretrained(tmp / "random")
-        for name in ("tiny", "small"):
-            train(name, tmp / "data", tmp / name, args.minutes, args.device)
-        for name, label in (("random", "tiny, random weights"), ("tiny", f"tiny, {args.minutes:g} min"),
-                            ("small", f"small, {args.minutes:g} min")):
-            res = evaluate_checkpoint(tmp / name, EvalConfig(data=str(tmp / "data"), block_size=128,
-                                                             context_stories=args.context_stories), args.device)
-            state = tmp / name / "best" / "trainer_state.json"
+        models = {"tiny, random weights": Gemma3(load_model_config("tiny")).save_pretrained(tmp / "random"),
+                  "tiny": Path(args.tiny) if args.tiny else train("tiny", tmp / "data", tmp / "tiny",
+                                                                  args.tiny_steps, args.device),
+                  "small": Path(args.small) if args.small else train("small", tmp / "data", tmp / "small",
+                                                                     args.small_steps, args.device)}
+        for label, path in models.items():
+            res = evaluate_checkpoint(path, EvalConfig(data=str(tmp / "data"), block_size=128,
+                                                       context_stories=args.context_stories), args.device)
+            state = resolve_checkpoint(path) / "trainer_state.json"
             rows.append({"model": label, "trained_tokens": json.loads(state.read_text())["tokens"] if state.exists()
                          else 0, **{k: res[k] for k in ("loss", "bits_per_byte", "tokens", "bytes")},
                          "context": res["context_use"]})

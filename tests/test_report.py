@@ -32,6 +32,7 @@ def two_runs(short_run, data_dir, tmp_path_factory):
     return first, second
 
 
+@pytest.mark.slow
 def test_report_over_two_runs(two_runs, data_dir, tmp_path, browser, capsys, monkeypatch):
     first, second = two_runs
     broken = tmp_path / "broken"

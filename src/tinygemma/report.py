@@ -25,7 +25,6 @@ from pathlib import Path
 from tinygemma.config import (
     UserError,
     add_dataclass_args,
-    atomic_write,
     atomic_write_text,
     dataclass_overrides,
     from_dict,
@@ -183,18 +182,11 @@ def write_overlay_plots(runs: list[dict], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tinygemma.plots import save_png, series
+
     with_metrics = [r for r in runs if r.get("metrics")]
     if not with_metrics:
         return []
-
-    def series(records: list[dict], key: str, x: str) -> tuple[list, list]:
-        rows = [r for r in records if r.get(key) is not None and r.get(x) is not None]
-        return [r[x] for r in rows], [r[key] for r in rows]
-
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        atomic_write(out / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for i, r in enumerate(with_metrics):
@@ -205,7 +197,7 @@ def write_overlay_plots(runs: list[dict], out: Path) -> list[str]:
     ax.set(xlabel="tokens", ylabel="loss (nats/token)", title="loss (faint: training batches)")
     ax.grid(alpha=0.3)
     ax.legend()
-    save(fig, "loss.png")
+    save_png(fig, out / "loss.png")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for key, ax, title in (("lr", axes[0], "learning rate"), ("grad_norm", axes[1], "gradient norm")):
         for i, r in enumerate(with_metrics):
@@ -213,7 +205,7 @@ def write_overlay_plots(runs: list[dict], out: Path) -> list[str]:
         ax.set(xlabel="step", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
-    save(fig, "lr_grad_norm.png")
+    save_png(fig, out / "lr_grad_norm.png")
     return ["loss.png", "lr_grad_norm.png"]
 
 
