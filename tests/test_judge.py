@@ -32,6 +32,7 @@ from tinygemma.judge import (
     default_prompts,
     grade_all,
     parse_grade,
+    read_cache,
     summarize,
 )
 from tinygemma.model import Gemma3, load_model_config
@@ -197,10 +198,13 @@ def test_resume_after_kill(tmp_path):
         paid = len(server.bodies)
         kept = len(cache.read_text().splitlines())
         assert 3 <= kept < 12, kept
+        with cache.open("a") as f:
+            f.write('{"key": "a line cut short by the kill')
         results = grade_all(items, fast_config(server.url), cache)
         # the re-run pays only for what the killed run had not cached
         assert len(server.bodies) - paid == 12 - kept
         assert sum(r["cached"] for r in results) == kept and all("grade" in r for r in results)
+        assert len(read_cache(cache)) == 12  # the grades appended after the cut line are all readable
 
 
 def test_parse_grade():

@@ -156,8 +156,9 @@ def _post(cfg: JudgeConfig, messages: list[dict], api_key: str | None) -> str:
 
 
 def grade_one(cfg: JudgeConfig, beginning: str, completion: str, api_key: str | None) -> dict:
-    """A grade ({criteria..., age_group, assessment, requests}) or {"error", "requests"}; never raises for the
-    endpoint's faults (a refused request, 4xx other than 429, raises UserError: retrying cannot help)."""
+    """A grade ({criteria..., age_group, assessment, requests}), or {"error", "requests"} once transient faults
+    or unparseable answers have used up their retries; an HTTP error that retrying cannot fix (401, 404, ...)
+    raises UserError."""
     messages, requests, transient, unparsed = judge_messages(beginning, completion), 0, 0, 0
     while True:
         requests += 1
@@ -202,6 +203,11 @@ def grade_all(items: list[dict], cfg: JudgeConfig, cache_path: str | os.PathLike
     cache_path = Path(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     cached = read_cache(cache_path)
+    if cache_path.is_file() and cache_path.stat().st_size:
+        with cache_path.open("rb+") as f:  # end a line cut short by a killed run, so that appends start afresh
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     api_key = os.environ.get(cfg.api_key_env)
     keys = [cache_key(it["prompt"], it["completion"], cfg.judge_model) for it in items]
     todo = {k: it for k, it in zip(keys, items, strict=True) if k not in cached}  # a duplicate is asked once
