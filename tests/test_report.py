@@ -7,7 +7,16 @@ import pytest
 
 import tinygemma.report as report_mod
 from tinygemma.cli import main
+from tinygemma.data import PrepareConfig, prepare
 from tinygemma.evaluate import EvalConfig, evaluate_checkpoint
+
+
+@pytest.fixture(scope="module")
+def eval_data(sample_dir, tmp_path_factory):
+    """20 stories per split: the whole-split evaluation stays quick."""
+    out = tmp_path_factory.mktemp("eval-data")
+    prepare(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=20))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +42,14 @@ def two_runs(short_run, data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_report_over_two_runs(two_runs, data_dir, tmp_path, browser, capsys, monkeypatch):
+def test_report_over_two_runs(two_runs, eval_data, tmp_path, browser, capsys, monkeypatch):
     first, second = two_runs
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "run_config.json").write_text((first / "run_config.json").read_text())
     out = tmp_path / "report"
     args = ["report", str(first), str(second), str(broken), str(tmp_path / "missing"), "--out", str(out),
-            "--data", str(data_dir), "--context-stories", "20", "--max-new-tokens", "24"]
+            "--data", str(eval_data), "--context-stories", "10", "--max-new-tokens", "24"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "broken: no checkpoint" in printed and "missing: " in printed and "no such run folder" in printed
@@ -48,7 +57,7 @@ def test_report_over_two_runs(two_runs, data_dir, tmp_path, browser, capsys, mon
     page = (out / "report.html").read_text()
 
     # the whole-split numbers are eval's own, for each run's best checkpoint
-    expected = evaluate_checkpoint(first, EvalConfig(data=str(data_dir), context_stories=20))
+    expected = evaluate_checkpoint(first, EvalConfig(data=str(eval_data), context_stories=10))
     for text in (f"{expected['loss']:,.4f}", f"{expected['bits_per_byte']:,.4f}",
                  f"{expected['context_use']['gap']:,.4f}", "lr1e-2", "lr3e-3", "follows\\_instruction", "0.250",
                  "6.50 [5.25, 7.75]", "fake-judge", "loss.png", "lr\\_grad\\_norm.png", "Flesch-Kincaid grade"):
@@ -64,8 +73,8 @@ def test_report_over_two_runs(two_runs, data_dir, tmp_path, browser, capsys, mon
     monkeypatch.setattr(report_mod, "sample_report", fail)
     assert main(args) == 0
     assert (out / "report.md").read_text() == md and (out / "report.html").read_text() == page
-    assert main([*args[:3], "--out", str(tmp_path / "r2"), "--no-compute", "--data", str(data_dir),
-                 "--context-stories", "21"]) == 0
+    assert main([*args[:3], "--out", str(tmp_path / "r2"), "--no-compute", "--data", str(eval_data),
+                 "--context-stories", "11"]) == 0
     assert "eval: not computed yet (--no-compute)" in capsys.readouterr().out
 
     # the page in a real browser: it renders, the plots load, no console errors

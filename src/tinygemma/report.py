@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -255,7 +256,7 @@ def build_blocks(runs: list[dict], plots: list[str]) -> list[tuple]:
     overall = [_get(r, "samples", "overall") for r in runs]
     b += [("h2", "Sample measures"),
           ("table", ["run", *(label for _, label in MEASURES)],
-           [[r["name"], *(format_measure(k, o[k]) if o else "–" for k, _ in MEASURES)]
+           [[r["name"], *(format_measure(k, o.get(k, math.nan)) if o else "–" for k, _ in MEASURES)]
             for r, o in zip(runs, overall, strict=True)])]
     b += _instruct_blocks(runs) + _judge_blocks(runs) + _sample_blocks(runs)
     return b
