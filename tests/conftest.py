@@ -1,9 +1,12 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # The suite runs offline: default to the GPT-2 BPE file and the sample beside the checkout.
 if (SHARED / "gpt2.tiktoken").exists():
@@ -60,3 +63,26 @@ def short_run(data_dir, tmp_path_factory):
                  "--log-interval", "1", "--no-progress", "--max-steps", "20", "--eval-interval", "10",
                  "--save-interval", "5", "--keep-last", "2", "--samples"]) == 0
     return out
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    if missing:  # fail, not skip: `make test` installs them (apt: chromium chromium-driver)
+        pytest.fail(f"browser test needs {' and '.join(missing)} (Debian packages chromium and chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--window-size=1100,760", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    # an explicit driver path: selenium-manager never runs (it would try to download one)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console messages, for get_log("browser")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)

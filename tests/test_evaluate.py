@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,8 +10,12 @@ from tinygemma.cli import main
 from tinygemma.data import PrepareConfig, TokenDataset, prepare
 from tinygemma.evaluate import (
     TUTORIAL_PROMPTS,
+    context_use,
     evaluate_tokens,
+    held_out_stories,
     mojibake_count,
+    nonwords,
+    reading_level,
     repeated_ngram_rate,
     sample_report,
     write_samples_report,
@@ -64,12 +69,45 @@ def test_eval_equals_direct_computation(model, tiny_data):
     assert evaluate_tokens(model, tokens, 100, 3)["loss"] == evaluate_tokens(model, tokens, 100, 3)["loss"]
 
 
+def test_bits_per_byte_on_a_known_text(model, tokenizer):
+    stories = ["Lily said “hi” to the café cat. 🐱", "Tom ran.\nThe end."]
+    tokens = np.array([t for s in stories for t in tokenizer.encode(s) + [tokenizer.eot_id]])
+    n_bytes = sum(len(s.encode("utf-8")) for s in stories) + len(stories)  # each separator is one byte
+    res = evaluate_tokens(model, tokens, block_size=7, batch_size=2)
+    assert res["bytes"] == n_bytes and res["tokens"] == len(tokens)
+    assert res["loss"] == pytest.approx(direct_mean_loss(model, tokens, 7), rel=1e-6)
+    assert res["bits_per_byte"] == pytest.approx(res["loss"] * len(tokens) / (n_bytes * math.log(2)), rel=1e-12)
+
+
+def test_context_use_equals_direct_computation(model, tiny_data):
+    eot = model.config.eot_token_id
+    stories = held_out_stories(TokenDataset(tiny_data, "val").tokens, eot, count=5, max_len=90)
+    assert len(stories) == 5 and max(map(len, stories)) == 90  # a long story was cut
+    res = context_use(model, stories, batch_size=2)
+    with_sum = without_sum = n = 0.0
+    with torch.no_grad():
+        for s in stories:
+            h = len(s) // 2
+            seq = torch.tensor([eot] + s)
+            logits = model(seq[None, :-1])[0, h:]  # predictions of s[h:] from <|endoftext|> + s[:k]
+            with_sum += F.cross_entropy(logits, seq[1 + h:], reduction="sum").item()
+            _, loss = model(torch.tensor([[eot] + s[h:-1]]), torch.tensor([s[h:]]))
+            without_sum += loss.item() * (len(s) - h)
+            n += len(s) - h
+    assert res["tokens"] == n and res["stories"] == 5
+    assert res["with_context"] == pytest.approx(with_sum / n, rel=1e-5)
+    assert res["without_context"] == pytest.approx(without_sum / n, rel=1e-5)
+    assert res["gap"] == pytest.approx(res["without_context"] - res["with_context"])
+
+
 def test_eval_cli_json(ckpt, model, tiny_data, capsys):
-    assert main(["eval", str(ckpt), "--data", str(tiny_data), "--block-size", "128", "--json"]) == 0
+    assert main(["eval", str(ckpt), "--data", str(tiny_data), "--block-size", "128", "--json",
+                 "--context-stories", "3"]) == 0
     res = json.loads(capsys.readouterr().out)
     tokens = TokenDataset(tiny_data, "val").tokens
     assert res["split"] == "val" and res["tokens"] == len(tokens) and res["tokens_per_s"] > 0
     assert res["loss"] == pytest.approx(direct_mean_loss(model, tokens, 128), rel=1e-6)
+    assert res["bits_per_byte"] > 0 and res["context_use"]["stories"] == 3
     assert main(["eval", str(ckpt), "--data", str(tiny_data), "--split", "train"]) == 0
     assert "train: loss" in capsys.readouterr().out
 
@@ -100,6 +138,25 @@ def test_measures():
     assert repeated_ngram_rate([1, 2, 3]) == (0, 0)
     assert mojibake_count("Lily said “hi” — café") == 0
     assert mojibake_count("cafÃ© and \ufffd") == 2
+
+
+def test_spelling():
+    text = "Once upon a time, a girl named Zorbina saw a bigg dog. Zorbina didn’t wented home. Flurp said hi."
+    # words: 19; unknown: bigg, wented, flurp (capitalised only at a sentence start, so not a name);
+    # Zorbina is a name (capitalised mid-sentence), didn’t is a word
+    assert nonwords(text) == (3, 19)
+    assert nonwords("Flurp said hi.", context="Then Flurp came.") == (0, 3)
+    assert nonwords("") == (0, 0)
+
+
+def test_reading_level():
+    # 2 sentences, 11 words, 12 syllables (happy has two): 0.39 * 11/2 + 11.8 * 12/11 - 15.59
+    assert reading_level("The cat sat on the mat. It was a happy cat.") == pytest.approx(
+        0.39 * 11 / 2 + 11.8 * 12 / 11 - 15.59)
+    # 1 sentence, 7 words, 13 syllables (e-le-phant, beau-ti-ful, yes-ter-day)
+    assert reading_level("The elephant saw a beautiful bird yesterday.") == pytest.approx(
+        0.39 * 7 + 11.8 * 13 / 7 - 15.59)
+    assert math.isnan(reading_level("... !"))
 
 
 def test_samples_report_measures(model, tokenizer, tmp_path):
@@ -134,7 +191,11 @@ def test_samples_report_measures(model, tokenizer, tmp_path):
     html = (tmp_path / "r" / "report.html").read_text()
     for p in TUTORIAL_PROMPTS:
         assert p in md and p in html
-    assert "distinct-2" in md and "<table>" in html
+    assert "distinct-2" in md and "<table>" in html and "Flesch-Kincaid grade" in md
+    for s in samples:
+        bad, words = nonwords(s["text"], context=s["prompt"] + s["text"])
+        assert s["nonwords_per_100"] == (pytest.approx(100 * bad / words) if words else pytest.approx(math.nan,
+                                                                                                        nan_ok=True))
 
 
 def test_samples_seeded_report_is_reproducible(model, tokenizer):

@@ -20,31 +20,7 @@ from tinygemma.instruct import build_prompt
 from tinygemma.model import Gemma3, load_model_config
 from tinygemma.serve import EXAMPLE_PROMPTS, create_app, serve_in_thread
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "studio.png"
-
-
-@pytest.fixture()
-def browser(tmp_path):
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
-    if missing:  # fail, not skip: `make test` installs them (apt: chromium chromium-driver)
-        pytest.fail(f"browser test needs {' and '.join(missing)} (Debian packages chromium and chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", "--window-size=1100,760", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    # an explicit driver path: selenium-manager never runs (it would try to download one)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
-    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
 
 
 @pytest.fixture()

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "samples": ("tinygemma.evaluate", "a Markdown/HTML report of sampled stories with automatic measures"),
     "export": ("tinygemma.export", "copy a checkpoint to a clean Hugging Face model folder (no trainer state)"),
     "serve": ("tinygemma.serve", "a local web page that streams stories and shows training; OpenAI-style API"),
+    "judge": ("tinygemma.judge", "grade completions with an LLM judge (the TinyStories paper's rubric)"),
+    "report": ("tinygemma.report", "one Markdown + HTML results page comparing runs"),
 }
 
 

@@ -1,0 +1,393 @@
+"""One results page for one or more runs: ``tinygemma report RUN [RUN ...] --out DIR``.
+
+Writes ``DIR/report.md``, its HTML twin ``DIR/report.html`` and the PNG plots beside them: per run its
+model, recipe, tokens, wall time and hardware; best and final validation loss from training's
+evaluations; loss, perplexity and bits per byte over the whole split, and context use (``eval``); the
+samples report's measures; instruct rates (``RUN/instruct_eval.json``) and judge scores
+(``RUN/judge/judge_summary.json``) when a run has them; loss and LR/gradient-norm curves overlaid across
+runs; the same prompts with the same seeds side by side.
+
+What a run already wrote is read; what is missing is computed once and kept in ``RUN/report_cache.json``,
+keyed by the checkpoint file, the data and the settings, so a second report costs nothing. A run that
+cannot be read (no folder, no metrics, no checkpoint, no data) gets a line saying so, never a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tinygemma import run as runs
+from tinygemma.config import (
+    UserError,
+    add_dataclass_args,
+    atomic_write_text,
+    dataclass_overrides,
+    from_dict,
+    load_json,
+)
+from tinygemma.evaluate import (
+    MEASURES,
+    REPORT_SEED,
+    EvalConfig,
+    evaluate_checkpoint,
+    format_measure,
+    md_escape,
+    sample_report,
+)
+from tinygemma.generate import TUTORIAL_PROMPTS, SamplingConfig, add_device_arg, load_checkpoint
+from tinygemma.judge import AGE_GROUPS, CRITERIA
+from tinygemma.model import ModelConfig
+from tinygemma.tokenizer import Tokenizer
+
+
+@dataclass
+class ReportConfig:
+    out: str | None = field(default=None, metadata={"help": "folder for report.md, report.html and the plots"})
+    data: str | None = field(default=None, metadata={"help": "prepared data for the whole-split evaluation "
+                                                            "(default: each run's own training data)"})
+    split: str = field(default="val", metadata={"help": "split to score"})
+    context_stories: int = field(default=200, metadata={"help": "held-out stories for context use"})
+    max_new_tokens: int = field(default=120, metadata={"help": "tokens per side-by-side sample"})
+    seed: int = field(default=REPORT_SEED, metadata={"help": "seed of the side-by-side samples"})
+    compute: bool = field(default=True, metadata={"help": "compute what runs have not written (--no-compute: "
+                                                          "only read)"})
+
+
+# -- reading a run ---------------------------------------------------------------------------------
+def _hardware(ckpt: Path) -> str | None:
+    """The hardware line of the checkpoint's model card (``- hardware: ...``)."""
+    card = ckpt / "README.md"
+    match = re.search(r"^- hardware: (.+)$", card.read_text(encoding="utf-8"), re.M) if card.is_file() else None
+    return match.group(1).strip() if match else None
+
+
+def _optional_json(path: Path, problems: list[str]) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return load_json(path)
+    except UserError as e:
+        problems.append(str(e))
+        return None
+
+
+def _cached(run: Path, name: str, key: dict, compute) -> dict | None:
+    """The result kept under ``name`` in ``RUN/report_cache.json`` for the same ``key``, else ``compute()``
+    (kept for next time), or None without ``compute``."""
+    path = run / "report_cache.json"
+    cache = load_json(path) if path.is_file() else {}
+    cache = cache if isinstance(cache, dict) else {}
+    if isinstance(cache.get(name), dict) and cache[name].get("key") == key:
+        return cache[name]["result"]
+    if compute is None:
+        return None
+    result = compute()
+    cache[name] = {"key": key, "result": result}
+    atomic_write_text(path, json.dumps(cache, indent=2) + "\n")
+    return result
+
+
+def _file_key(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def collect_run(run: Path, cfg: ReportConfig, device: str = "cpu") -> dict:
+    """Everything the report shows about one run; ``problems`` lists what could not be read or computed."""
+    info: dict = {"name": run.name, "path": str(run), "problems": []}
+    problems = info["problems"]
+    if not run.is_dir():
+        problems.append(f"{run}: no such run folder")
+        return info
+    try:
+        run_config = runs.read_run_config(run) or {}
+    except UserError as e:
+        problems.append(str(e))
+        run_config = {}
+    if run_config.get("model"):
+        mc = ModelConfig(**run_config["model"])
+        info["model"] = {"name": run_config.get("train", {}).get("model", "?"),
+                         "params": mc.param_breakdown()["total"]}
+    info["recipe"] = run_config.get("recipe")
+    if (run / runs.METRICS).is_file():
+        info["metrics"] = runs.Metrics(run).read()
+        vals = [r["val_loss"] for r in info["metrics"] if r.get("val_loss") is not None]
+        last = info["metrics"][-1] if info["metrics"] else {}
+        info.update(tokens=last.get("tokens"), wall_s=last.get("elapsed_s"),
+                    best_val=min(vals) if vals else None, final_val=vals[-1] if vals else None)
+    else:
+        problems.append("no metrics.jsonl: no curves, tokens or training losses")
+    info["instruct"] = _optional_json(run / "instruct_eval.json", problems)
+    info["judge"] = _optional_json(run / "judge" / "judge_summary.json", problems)
+    try:
+        ckpt = runs.resolve_checkpoint(run)
+    except UserError as e:
+        problems.append(f"no checkpoint ({e}): nothing evaluated or sampled")
+        return info
+    info["checkpoint"], info["hardware"] = str(ckpt), _hardware(ckpt)
+    _evaluate(run, ckpt, run_config, cfg, device, info)
+    return info
+
+
+def _evaluate(run: Path, ckpt: Path, run_config: dict, cfg: ReportConfig, device: str, info: dict) -> None:
+    """Whole-split evaluation and the side-by-side samples, from the cache or computed (``cfg.compute``)."""
+    weights = _file_key(ckpt / "model.safetensors")
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    prompts = list(TUTORIAL_PROMPTS)
+
+    def sample() -> dict:
+        return sample_report(load_checkpoint(ckpt, device=device), Tokenizer(), prompts, sampling)
+
+    data = Path(cfg.data or run_config.get("train", {}).get("data") or "")
+    eval_cfg = EvalConfig(data=str(data), split=cfg.split, context_stories=cfg.context_stories)
+    if (data / "meta.json").is_file():
+        key = {"weights": weights, "data": _file_key(data / "meta.json"), "config": asdict(eval_cfg)}
+        info["eval"] = _maybe(run, "eval", key, lambda: evaluate_checkpoint(ckpt, eval_cfg, device), cfg, info)
+    else:
+        info["problems"].append(f"no prepared data at '{data}' (--data): no whole-split loss or context use")
+    key = {"weights": weights, "prompts": prompts, "sampling": asdict(sampling)}
+    info["samples"] = _maybe(run, "samples", key, sample, cfg, info)
+
+
+def _maybe(run: Path, name: str, key: dict, compute, cfg: ReportConfig, info: dict) -> dict | None:
+    """:func:`_cached`, with problems noted in ``info`` rather than raised."""
+    try:
+        result = _cached(run, name, key, compute if cfg.compute else None)
+    except UserError as e:
+        info["problems"].append(f"{name}: {e}")
+        return None
+    if result is None:
+        info["problems"].append(f"{name}: not computed yet (--no-compute)")
+    return result
+
+
+# -- plots ---------------------------------------------------------------------------------------------
+def write_overlay_plots(runs: list[dict], out: Path) -> list[str]:
+    """``loss.png`` (validation and train loss vs tokens) and ``lr_grad_norm.png`` (vs step), one colour per
+    run; the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tinygemma.plots import save_png, series
+
+    with_metrics = [r for r in runs if r.get("metrics")]
+    if not with_metrics:
+        return []
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, r in enumerate(with_metrics):
+        colour = f"C{i % 10}"
+        ax.plot(*series(r["metrics"], "train_loss", "tokens"), "-", color=colour, alpha=0.3)
+        ax.plot(*series(r["metrics"], "val_loss", "tokens"), "o-", color=colour, markersize=3,
+                label=f"{r['name']} (validation)")
+    ax.set(xlabel="tokens", ylabel="loss (nats/token)", title="loss (faint: training batches)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_png(fig, out / "loss.png")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, ax, title in (("lr", axes[0], "learning rate"), ("grad_norm", axes[1], "gradient norm")):
+        for i, r in enumerate(with_metrics):
+            ax.plot(*series(r["metrics"], key, "step"), color=f"C{i % 10}", label=r["name"])
+        ax.set(xlabel="step", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_png(fig, out / "lr_grad_norm.png")
+    return ["loss.png", "lr_grad_norm.png"]
+
+
+# -- the page: a list of blocks, rendered to Markdown and to HTML ------------------------------------
+def _num(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def build_blocks(runs: list[dict], plots: list[str]) -> list[tuple]:
+    """The page as blocks: ("h2", text), ("p", text), ("table", header, rows), ("img", file, alt),
+    ("list", items), ("quote", title, text)."""
+    b: list[tuple] = [("h2", "Runs"), ("table", ["run", "model", "parameters", "recipe", "tokens", "wall time",
+                                                  "hardware"],
+                                       [[r["name"], r.get("model", {}).get("name", "–"),
+                                         _num(r.get("model", {}).get("params")), r.get("recipe") or "–",
+                                         _num(r.get("tokens")), _duration(r.get("wall_s")), r.get("hardware") or "–"]
+                                        for r in runs])]
+    problems = [f"{r['name']}: {p}" for r in runs for p in r["problems"]]
+    if problems:
+        b.append(("list", problems))
+    b += [("h2", "Loss"),
+          ("p", "Best and final validation loss are training's evaluations (fixed batches); the whole-split "
+                "columns score every token of the split once (`tinygemma eval`). Bits per byte count each "
+                "<|endoftext|> as one byte."),
+          ("table", ["run", "best val loss", "final val loss", "split loss", "perplexity", "bits per byte",
+                     "tokens scored"],
+           [[r["name"], _num(r.get("best_val")), _num(r.get("final_val")), _num(_get(r, "eval", "loss")),
+             _num(_get(r, "eval", "perplexity"), 2), _num(_get(r, "eval", "bits_per_byte")),
+             _num(_get(r, "eval", "tokens"))] for r in runs])]
+    b += [("img", name, name.removesuffix(".png").replace("_", " ")) for name in plots]
+    b += [("h2", "Context use"),
+          ("p", "Mean loss of held-out stories' second halves given their first half, and given only "
+                "<|endoftext|>: the gap (nats/token) is how much the model uses what the story has said."),
+          ("table", ["run", "given the first half", "given nothing", "gap", "stories"],
+           [[r["name"], *(_num(_get(r, "eval", "context_use", k)) for k in ("with_context", "without_context",
+                                                                             "gap", "stories"))] for r in runs])]
+    overall = [_get(r, "samples", "overall") for r in runs]
+    b += [("h2", "Sample measures"),
+          ("table", ["run", *(label for _, label in MEASURES)],
+           [[r["name"], *(format_measure(k, o.get(k, math.nan)) if o else "–" for k, _ in MEASURES)]
+            for r, o in zip(runs, overall, strict=True)])]
+    b += _instruct_blocks(runs) + _judge_blocks(runs) + _sample_blocks(runs)
+    return b
+
+
+def _get(d: dict | None, *keys):
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def _instruct_blocks(runs: list[dict]) -> list[tuple]:
+    rows = {r["name"]: {k: v for k, v in r["instruct"].items() if isinstance(v, (int, float))}
+            for r in runs if isinstance(r.get("instruct"), dict)}
+    if not rows:
+        return []
+    keys = sorted({k for v in rows.values() for k in v})
+    return [("h2", "Instruction following"), ("p", "From each run's instruct_eval.json."),
+            ("table", ["run", *keys], [[name, *(_num(v.get(k), 3) for k in keys)] for name, v in rows.items()])]
+
+
+def _judge_blocks(runs: list[dict]) -> list[tuple]:
+    judged = [r for r in runs if isinstance(r.get("judge"), dict)]
+    if not judged:
+        return []
+
+    def cell(c: dict | None) -> str:
+        return f"{c['mean']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]" if c and c.get("n") else "–"
+
+    rows = [[r["name"], r["judge"].get("judge_model", "?"), *(cell(_get(r, "judge", "criteria", c)) for c in CRITERIA),
+             max(AGE_GROUPS, key=lambda g: _get(r, "judge", "age_groups", g) or 0) if r["judge"].get("graded") else "–",
+             f"{r['judge'].get('graded', 0)} / {r['judge'].get('failures', 0)}"] for r in judged]
+    return [("h2", "Judge scores"), ("p", "Means with 95% intervals, 1-10, from `tinygemma judge`."),
+            ("table", ["run", "judge", *CRITERIA, "most common age group", "graded / failures"], rows)]
+
+
+def _sample_blocks(runs: list[dict]) -> list[tuple]:
+    sampled = [r for r in runs if r.get("samples")]
+    if not sampled:
+        return []
+    cfg = sampled[0]["samples"]["config"]
+    b: list[tuple] = [("h2", "Samples"), ("p", f"The same prompts with the same seed ({cfg['seed']}) per run, "
+                                               f"temperature {cfg['temperature']}, top-k {cfg['top_k']}, top-p "
+                                               f"{cfg['top_p']}, at most {cfg['max_new_tokens']} tokens.")]
+    for i, prompt in enumerate(sampled[0]["samples"]["samples"]):
+        b.append(("h3", prompt["prompt"]))
+        for r in sampled:
+            s = r["samples"]["samples"][i]
+            b.append(("quote", r["name"], s["prompt"] + s["text"] + (" ⟨end⟩" if s["ended_with_eot"] else " ⟨cut⟩")))
+    return b
+
+
+def render_markdown(title: str, blocks: list[tuple]) -> str:
+    lines = [f"# {md_escape(title)}", ""]
+    for kind, *rest in blocks:
+        if kind in ("h2", "h3"):
+            lines += [("## " if kind == "h2" else "### ") + md_escape(rest[0]), ""]
+        elif kind == "p":
+            lines += [md_escape(rest[0]), ""]
+        elif kind == "list":
+            lines += [f"- {md_escape(x)}" for x in rest[0]] + [""]
+        elif kind == "img":
+            lines += [f"![{rest[1]}]({rest[0]})", ""]
+        elif kind == "quote":
+            lines += [f"**{md_escape(rest[0])}**", ""] + ["> " + md_escape(x) for x in rest[1].split("\n")] + [""]
+        elif kind == "table":
+            header, rows = rest
+            lines += ["| " + " | ".join(map(md_escape, header)) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+            lines += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in rows] + [""]
+    return "\n".join(lines)
+
+
+def render_html(title: str, blocks: list[tuple]) -> str:
+    e = html.escape
+    body = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
+            "<style>body{font-family:sans-serif;max-width:60em;margin:auto;padding:0 1em}table{border-collapse:"
+            "collapse}td,th{padding:.2em .6em;border-bottom:1px solid #ddd}td:not(:first-child){text-align:right}"
+            "img{max-width:100%}blockquote{white-space:pre-wrap;border-left:3px solid #ccc;margin-left:0;"
+            "padding-left:1em}.problems{color:#a40}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    for kind, *rest in blocks:
+        if kind in ("h2", "h3", "p"):
+            body.append(f"<{kind}>{e(rest[0])}</{kind}>")
+        elif kind == "list":
+            body.append("<ul class='problems'>" + "".join(f"<li>{e(x)}</li>" for x in rest[0]) + "</ul>")
+        elif kind == "img":
+            body.append(f"<p><img src='{e(rest[0])}' alt='{e(rest[1])}'></p>")
+        elif kind == "quote":
+            body.append(f"<p><b>{e(rest[0])}</b></p><blockquote>{e(rest[1])}</blockquote>")
+        elif kind == "table":
+            header, rows = rest
+            body.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+                        + "</table>")
+    return "\n".join(body + ["</body></html>", ""])
+
+
+def write_report(runs: list[str | os.PathLike], cfg: ReportConfig, device: str = "cpu",
+                 log=print) -> dict:
+    """Collect every run, write ``report.md``, ``report.html`` and the plots into ``cfg.out``; returns
+    {"runs": [...], "files": [...]}."""
+    if not cfg.out:
+        raise UserError("--out is required")
+    if not runs:
+        raise UserError("give at least one run folder")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    collected = []
+    for run in runs:
+        log(f"report: {run}")
+        collected.append(collect_run(Path(run), cfg, device))
+    names = [r["name"] for r in collected]
+    for i, r in enumerate(collected):  # runs/a/best and runs/b/best must not share a label
+        if names.count(r["name"]) > 1:
+            r["name"] = f"{r['name']} ({i + 1})"
+    plots = write_overlay_plots(collected, out)
+    blocks = build_blocks(collected, plots)
+    title = "tinygemma report: " + ", ".join(r["name"] for r in collected)
+    atomic_write_text(out / "report.md", render_markdown(title, blocks))
+    atomic_write_text(out / "report.html", render_html(title, blocks))
+    return {"runs": collected, "files": ["report.md", "report.html", *plots]}
+
+
+def _report(args: argparse.Namespace) -> int:
+    cfg = from_dict(ReportConfig, dataclass_overrides(args, ReportConfig), "report")
+    res = write_report(args.runs, cfg, args.device)
+    for r in res["runs"]:
+        for p in r["problems"]:
+            print(f"  {r['name']}: {p}")
+    print(f"wrote {', '.join(str(Path(cfg.out) / f) for f in res['files'])}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="one Markdown + HTML results page comparing runs",
+                       description="Read what runs wrote, compute what is missing (cached in RUN/report_cache.json) "
+                                   "and write a results page with plots.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    add_dataclass_args(p, ReportConfig)
+    add_device_arg(p)
+    p.set_defaults(func=_report)
