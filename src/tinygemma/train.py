@@ -1,8 +1,9 @@
 """``tinygemma train``: pre-train a Gemma 3 preset on prepared token data.
 
-One readable loop in the spirit of nanoGPT: random windows from a memmap, AdamW with warmup +
-cosine decay fitted to the budget, gradient accumulation, fp32 master weights with bf16 autocast
-on CUDA, optional torch.compile, DDP under torchrun, and checkpoints that resume bit for bit.
+One readable loop in the spirit of nanoGPT: random windows from a memmap, AdamW (or Muon for the
+blocks' matrices, see optim.py) with warmup + cosine decay fitted to the budget, gradient accumulation,
+fp32 master weights with bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing), optional
+torch.compile, DDP under torchrun, and checkpoints that resume bit for bit.
 
 Determinism: the batches of optimizer step ``s`` are a pure function of (seed, s), and rank r takes
 its slice of them, so a resumed run, a run with more accumulation or a run on more ranks sees exactly
@@ -46,11 +47,22 @@ from tinygemma.evaluate import write_samples_report
 from tinygemma.export import write_hf_files
 from tinygemma.generate import SamplingConfig, checkpoints
 from tinygemma.model import Gemma3, load_model_config
+from tinygemma.optim import (
+    OPTIMIZERS,
+    PRECISIONS,
+    Optimizers,
+    Precision,
+    build_optimizer,
+    explain_oom,
+    lr_factor,
+    set_lr,
+)
 from tinygemma.plots import write_plots
 from tinygemma.tokenizer import Tokenizer
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 BUDGET_KEYS = ("max_steps", "max_tokens", "time_budget")
+MUON_KEYS = ("muon_lr", "muon_weight_decay", "muon_momentum")
 # Keys that may change when resuming (budget, bookkeeping); anything else would silently change the run.
 RESUMABLE_KEYS = {*BUDGET_KEYS, "data", "out", "eval_interval", "save_interval", "log_interval", "keep_last",
                   "compile", "progress", "wandb", "wandb_project", "nonfinite", "peak_tflops", "device"}
@@ -71,7 +83,9 @@ class TrainConfig:
     model: str = field(default="gemma3-270m", metadata={"help": "preset (gemma3-270m|small|tiny) or config JSON"})
     seed: int = 1337
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA, fp32 on CPU)|bf16|fp32"})
+    precision: str = field(default="auto", metadata={"help": "auto|bf16|fp16|fp32 (auto: bf16 autocast on CUDA "
+                                                               "with bf16, fp16 + loss scaling on older CUDA "
+                                                               "GPUs, fp32 on CPU)"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile (default: on for CUDA)"})
     # batch: tokens per optimizer step = block_size x micro_batch x grad_accum x ranks
     block_size: int = 512
@@ -83,7 +97,14 @@ class TrainConfig:
     time_budget: float | None = field(default=None, metadata={"help": "minutes of training (wall clock, "
                                                                       "evaluations included)"})
     # optimizer and schedule
-    lr: float = 6e-4
+    optimizer: str = field(default="adamw", metadata={"help": "adamw (AdamW on all weights)|muon (Muon on the "
+                                                               "blocks' matrices, AdamW on the rest)"})
+    lr: float = field(default=6e-4, metadata={"help": "peak LR (AdamW groups)"})
+    muon_lr: float | None = field(default=None, metadata={"help": "Muon's peak LR, on AdamW's scale "
+                                                                   "(match_rms_adamw; default: lr)"})
+    muon_weight_decay: float | None = field(default=None, metadata={"help": "Muon's weight decay "
+                                                                             "(default: weight_decay)"})
+    muon_momentum: float | None = field(default=None, metadata={"help": "Muon's momentum (default: 0.95)"})
     min_lr: float | None = field(default=None, metadata={"help": "final LR (default: lr x min_lr_ratio)"})
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = field(default=None, metadata={"help": "warmup steps (default: warmup_frac)"})
@@ -111,8 +132,16 @@ class TrainConfig:
     def __post_init__(self):
         checks = [
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
-            (self.precision in ("auto", "bf16", "fp32"),
-             f"precision must be auto, bf16 or fp32, got {self.precision!r}"),
+            (self.precision in PRECISIONS, f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be adamw or muon, got {self.optimizer!r}"),
+            (self.optimizer == "muon" or all(getattr(self, k) is None for k in MUON_KEYS),
+             f"{', '.join(k for k in MUON_KEYS if getattr(self, k) is not None)} set, but optimizer is "
+             f"{self.optimizer!r} (set optimizer=muon or use --recipe muon)"),
+            (self.muon_lr is None or self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}"),
+            (self.muon_weight_decay is None or self.muon_weight_decay >= 0,
+             f"muon_weight_decay must be >= 0, got {self.muon_weight_decay}"),
+            (self.muon_momentum is None or 0 <= self.muon_momentum < 1,
+             f"muon_momentum must lie in [0, 1), got {self.muon_momentum}"),
             (self.nonfinite in ("stop", "skip"), f"nonfinite must be stop or skip, got {self.nonfinite!r}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
@@ -143,6 +172,18 @@ class TrainConfig:
     @property
     def final_lr(self) -> float:
         return self.min_lr if self.min_lr is not None else self.lr * self.min_lr_ratio
+
+    @property
+    def matrix_lr(self) -> float:
+        return self.muon_lr if self.muon_lr is not None else self.lr
+
+    @property
+    def matrix_weight_decay(self) -> float:
+        return self.muon_weight_decay if self.muon_weight_decay is not None else self.weight_decay
+
+    @property
+    def matrix_momentum(self) -> float:
+        return self.muon_momentum if self.muon_momentum is not None else 0.95
 
 
 # -- configuration: recipe file + flags + --set ----------------------------------------------------------
@@ -216,22 +257,8 @@ class Sampler:
 
 # -- schedule -------------------------------------------------------------------------------------------
 def lr_at(cfg: TrainConfig, step: int, total_steps: int | None) -> float:
-    """Linear warmup to ``lr`` then cosine decay to ``final_lr`` at ``total_steps`` (step counts from 0).
-
-    ``total_steps`` is None only for the first step of a time-budget run, before any step was timed.
-    """
-    if total_steps is None:
-        warmup = cfg.warmup_steps
-        if not warmup:
-            return 0.0  # calibration step: the warmup length is not known yet
-    else:
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_frac * total_steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    if total_steps is None or total_steps <= warmup:
-        return cfg.lr
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return cfg.final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.final_lr)
+    """The AdamW groups' LR at ``step``: ``lr`` times the schedule (:func:`tinygemma.optim.lr_factor`)."""
+    return cfg.lr * lr_factor(cfg, step, total_steps)
 
 
 # -- device, precision, optimizer -----------------------------------------------------------------------
@@ -242,25 +269,6 @@ def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def make_optimizer(model: Gemma3, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices of the blocks. Norm gains (zero-centred, so decay would pull them
-    to gain 1 rather than 0, which is not a prior we want) and the tied embedding/head are not decayed."""
-    embed = model.model.embed_tokens.weight
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 and p is not embed else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # the fused kernel (CPU and CUDA) updates all tensors in one pass: ~6x faster than foreach on CPU
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type in ("cuda", "cpu"))
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
@@ -278,25 +286,24 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def forward_backward(step_model: torch.nn.Module, model: Gemma3, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                     autocast, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate the gradient of one optimizer step over ``batches`` (x, y) and clip it.
+def forward_backward(step_model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     precision: Precision) -> torch.Tensor:
+    """Accumulate the gradient of one optimizer step over ``batches`` (x, y).
 
-    ``step_model`` is what runs the batches (plain, compiled and/or DDP-wrapped); ``model`` the plain module.
+    ``step_model`` is what runs the batches (plain, compiled and/or DDP-wrapped).
     Each micro-loss is divided by the number of micro-batches, so the gradient is that of one big batch;
-    under DDP, gradients are all-reduced only on the last micro-batch. Returns (mean loss, grad norm),
-    both still on the device (no host sync here).
+    under DDP, gradients are all-reduced only on the last micro-batch. Returns the mean loss, still on the
+    device (no host sync here).
     """
     ddp = isinstance(step_model, torch.nn.parallel.DistributedDataParallel)
     loss_sum = None
     for i, (x, y) in enumerate(batches):
         with nullcontext() if (not ddp or i == len(batches) - 1) else step_model.no_sync():
-            with autocast():
+            with precision.autocast():
                 _, loss = step_model(x, y, return_logits=False)
-            (loss / len(batches)).backward()
+            precision.backward(loss / len(batches))
         loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    return loss_sum / len(batches), grad_norm
+    return loss_sum / len(batches)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
@@ -331,7 +338,7 @@ def write_samples(model: Gemma3, out: Path, step: int, seed: int) -> list[str]:
     return [f"{r['prompt']}{r['text']}" for r in report["samples"]]
 
 
-def write_checkpoint(folder: Path, model: Gemma3, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+def write_checkpoint(folder: Path, model: Gemma3, optimizer: Optimizers, state: dict[str, Any],
                      run_config: dict[str, Any], card: dict[str, Any] | None = None) -> Path:
     """Write one complete checkpoint folder atomically: everything goes to ``.tmp-NAME`` and is then renamed.
 
@@ -463,6 +470,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
     elif resume:
         ckpt = Path(resume)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "best_val_loss": None, "best_step": None, "skipped_steps": 0,
+                             "overflow_steps": 0,
                              "elapsed_s": 0.0, "train_time_s": 0.0, "total_steps": None}
     if ckpt is not None:
         saved_state, saved_config = read_checkpoint_meta(ckpt)
@@ -496,12 +504,14 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
     else:
         model = Gemma3(model_cfg)
     model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = build_optimizer(model, cfg, device)
+    precision = Precision(cfg.precision, device)
     if ckpt is not None:
         try:
             optimizer.load_state_dict(load_torch(ckpt / "optimizer.pt", device))
         except (ValueError, KeyError) as e:
             raise UserError(f"{ckpt / 'optimizer.pt'}: does not fit this model ({e})") from None
+        precision.load_state_dict(state.pop("scaler", None))
         set_rng_states(load_torch(ckpt / "rng_state.pt", torch.device("cpu")))
 
     if device.type == "cuda":
@@ -520,8 +530,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
     val_batches = Sampler(val_data.tokens, cfg.block_size, cfg.micro_batch, 1, rank, world,
                           cfg.seed).fixed_batches(1, cfg.eval_batches)
     train_eval_batches = sampler.fixed_batches(2, cfg.eval_batches)
-    amp = autocast_dtype(cfg, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+    autocast = precision.autocast
     tokens_per_step = cfg.block_size * cfg.micro_batch * cfg.grad_accum * world
     flops_per_token = model_cfg.flops_per_token(cfg.block_size)
     peak = peak_flops(cfg, device)
@@ -591,7 +600,7 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
                 "samples": last_eval["samples"]}
         trainer_state = {**state, "schedule": {"lr": lr_at(cfg, state["step"], total_steps()),
                                                "total_steps": total_steps(), "tokens_per_step": tokens_per_step},
-                         "sampler": {**sampler.state(), "next_step": state["step"]}}
+                         "sampler": {**sampler.state(), "next_step": state["step"]}, "scaler": precision.state_dict()}
         path = write_checkpoint(out / name, model, optimizer, trainer_state, run_config, card)
         if name.startswith("checkpoint-"):
             for _, old in checkpoints(out)[:-cfg.keep_last]:
@@ -623,24 +632,29 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
             step = state["step"]
             t0 = time.perf_counter()
             lr = lr_at(cfg, step, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr_factor(cfg, step, total))
             batches = [to_device(b) for b in sampler.step_batches(step)]
-            mean_loss, grad_norm = forward_backward(step_model, model, batches, autocast, cfg.grad_clip)
+            with explain_oom(cfg.micro_batch, cfg.block_size, cfg.grad_accum, last_good):
+                mean_loss = forward_backward(step_model, batches, precision)
+                grad_norm, stepped = precision.clip_and_step(optimizer, model.parameters(), cfg.grad_clip)
             shared = torch.stack([mean_loss, torch.tensor(float(stop.requested), device=device)])
             if world > 1:
                 dist.all_reduce(shared)
                 shared[0] /= world
             (train_loss, stop_votes), norm = shared.tolist(), grad_norm.item()  # one host sync for both
             finite = math.isfinite(train_loss) and math.isfinite(norm)
-            if finite:
-                optimizer.step()
-            elif cfg.nonfinite == "skip":
+            if precision.scaler and not stepped and math.isfinite(train_loss):
+                # fp16 gradient overflow, part of loss scaling: the scaler skipped the step and lowered the scale
+                state["overflow_steps"] += 1
+                if master:
+                    print(f"step {step + 1}: fp16 gradient overflow; step skipped, loss scale now "
+                          f"{precision.scaler.get_scale():g}", file=sys.stderr)
+            elif not (stepped and finite) and cfg.nonfinite == "skip":
                 state["skipped_steps"] += 1
                 if master:
                     print(f"step {step + 1}: non-finite loss ({train_loss}) or grad norm ({norm}); step skipped",
                           file=sys.stderr)
-            else:
+            elif not (stepped and finite):
                 what = "gradient norm" if math.isfinite(train_loss) else "loss"
                 raise UserError(f"step {step + 1}: non-finite {what} (loss {train_loss}, grad norm {norm}); stopped "
                                 f"(last good checkpoint: {last_good()}; lower lr or set nonfinite=skip)")
