@@ -1,16 +1,18 @@
 """Tokens to a given loss: the ``tutorial`` recipe vs tuned AdamW vs Muon, same model, data and tokens.
 
-    python bench/recipe.py                                    # CPU: tiny preset, 98,304 tokens per run
+    python bench/recipe.py                                    # tiny preset, 98,304 tokens per run
+    python bench/recipe.py --tokens 32768 --block-size 64 --score best   # the README's run (a busy 2-core CPU)
     python bench/recipe.py --model small --tokens 5000000 --micro-batch 32   # e.g. on a GPU
 
 Every run shares the model, the data (the shared TinyStories sample), the token budget, the batch shape
 (``--block-size`` x ``--micro-batch``, no accumulation) and the schedule shape (the ``adamw`` recipe's warmup
 fraction, cosine to lr/10). The ``tutorial`` recipe keeps its own LR, eps and clipping. AdamW's peak LR is
-swept first (best kept); Muon then trains the blocks' matrices with its LR swept over the same grid, the
-embedding and norm gains with AdamW at the tuned AdamW LR. Each final model is scored like ``tinygemma eval``
-on the whole validation split. The loss-vs-tokens curve is the in-run validation loss on fixed windows
-(the same windows for every run); "tokens to AdamW's loss" is where a run's curve first reaches tuned
-AdamW's final value of that curve (linear interpolation between evaluations).
+swept first; Muon then trains the blocks' matrices with its LR swept over the same grid, the embedding and
+norm gains with AdamW at the tuned AdamW LR. The loss-vs-tokens curve is the in-run validation loss on fixed
+windows (the same windows for every run); a sweep's best is the lowest final value of that curve; "tokens
+to AdamW's loss" is where a run's curve first reaches tuned AdamW's final value (linear interpolation
+between evaluations). Final models are scored like ``tinygemma eval`` on the whole validation split: every
+run, or with ``--score best`` (slow CPUs) the tutorial and each sweep's best.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tinygemma.train import load_recipe, resolve_config, train
 
 
 def run(name: str, recipe: str, extra: dict, args: argparse.Namespace) -> dict:
-    """Train one configuration and score it; returns a results row (kept in WORKDIR/NAME/result.json)."""
+    """Train one configuration; returns a results row (kept in WORKDIR/NAME/result.json)."""
     out = Path(args.workdir) / name
     if (out / "result.json").is_file():  # finished earlier: a stopped sweep picks up where it was
         return json.loads((out / "result.json").read_text())
@@ -46,18 +48,25 @@ def run(name: str, recipe: str, extra: dict, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     state = train(cfg, recipe=recipe, force=True)
     minutes = (time.perf_counter() - start) / 60
-    model = Gemma3.from_pretrained(out / f"checkpoint-{state['step']}", device=args.device).eval()
-    val = TokenDataset(cfg.data, "val").tokens
-    scored = evaluate_tokens(model, val, cfg.block_size, batch_size=16)
     curve = [(r["tokens"], r["val_loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if "val_loss" in r]
     row = {"name": name, "recipe": recipe, "optimizer": cfg.optimizer, "lr": cfg.lr,
-           "muon_lr": cfg.muon_lr, "tokens": state["tokens"], "steps": state["step"], "val_loss": scored["loss"],
-           "val_tokens": scored["tokens"], "curve": curve, "train_minutes": minutes}
+           "muon_lr": cfg.muon_lr, "tokens": state["tokens"], "steps": state["step"], "block_size": cfg.block_size,
+           "checkpoint": str(out / f"checkpoint-{state['step']}"), "curve": curve, "train_minutes": minutes}
     (out / "result.json").write_text(json.dumps(row, indent=2) + "\n")
-    print(f"{name}: whole-split val loss {row['val_loss']:.4f} after {row['tokens']:,} tokens ({minutes:.1f} min)",
+    print(f"{name}: val loss {curve[-1][1]:.4f} (fixed windows) after {row['tokens']:,} tokens ({minutes:.1f} min)",
           flush=True)
     return row
+
+
+def score(row: dict, args: argparse.Namespace) -> None:
+    """Add the whole validation split's loss to ``row``, as ``tinygemma eval CHECKPOINT`` computes it."""
+    if "val_loss" not in row:
+        model = Gemma3.from_pretrained(row["checkpoint"], device=args.device).eval()
+        scored = evaluate_tokens(model, TokenDataset(Path(args.workdir) / "data", "val").tokens, row["block_size"],
+                                 batch_size=16)
+        row.update(val_loss=scored["loss"], val_tokens=scored["tokens"])
+        (Path(args.workdir) / row["name"] / "result.json").write_text(json.dumps(row, indent=2) + "\n")
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
@@ -106,7 +115,9 @@ def main() -> None:
     p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2],
                    help="peak LRs swept for AdamW, then for Muon's matrices")
     p.add_argument("--evals", type=int, default=8, help="evaluations per run (points of the curve)")
-    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--eval-batches", type=int, default=4, help="fixed validation batches of the in-run curve")
+    p.add_argument("--score", choices=("best", "all"), default="all",
+                   help="score on the whole validation split every run, or the tutorial and each sweep's best")
     p.add_argument("--source", default=os.environ.get("TINYSTORIES_DIR", "../shared/data/tinystories"))
     p.add_argument("--workdir", default="runs/bench-recipe", help="runs and results (a rerun reuses finished runs)")
     p.add_argument("--plot", default="docs/recipe.png")
@@ -118,23 +129,26 @@ def main() -> None:
 
     rows = [run("tutorial", "tutorial", {}, args)]
     adamw = [run(f"adamw-{lr:g}", "adamw", {"lr": lr}, args) for lr in args.lrs]
-    best_adamw = min(adamw, key=lambda r: r["val_loss"])
+    best_adamw = min(adamw, key=lambda r: r["curve"][-1][1])
     muon = [run(f"muon-{lr:g}", "muon", {"lr": best_adamw["lr"], "muon_lr": lr}, args) for lr in args.lrs]
-    best_muon = min(muon, key=lambda r: r["val_loss"])
+    best_muon = min(muon, key=lambda r: r["curve"][-1][1])
     rows += adamw + muon
     target = best_adamw["curve"][-1][1]
     best = {"tutorial": rows[0], "adamw": best_adamw, "muon": best_muon}
+    for r in rows if args.score == "all" else best.values():
+        score(r, args)
     plot(rows, best, target, Path(args.plot))
 
     print(f"\nmodel {args.model}, {args.tokens:,} tokens per run ({args.block_size} x {args.micro_batch} per step), "
-          f"validation: whole split ({rows[0]['val_tokens']:,} tokens); device {args.device}, "
+          f"whole validation split: {rows[0]['val_tokens']:,} tokens; device {args.device}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'run':<14}{'peak lr (AdamW / Muon)':>24}{'val loss':>10}{'curve end':>11}{'tokens to AdamW loss':>22}"
+    print(f"{'run':<14}{'peak lr (AdamW / Muon)':>24}{'whole val':>10}{'curve end':>11}{'tokens to AdamW loss':>22}"
           f"{'min':>6}")
     for r in rows:
         reach = tokens_to_reach(r["curve"], target)
         lrs = f"{r['lr']:g}" + (f" / {r['muon_lr']:g}" if r["muon_lr"] is not None else "")
-        print(f"{r['name']:<14}{lrs:>24}{r['val_loss']:>10.4f}{r['curve'][-1][1]:>11.4f}"
+        whole = f"{r['val_loss']:.4f}" if "val_loss" in r else "-"
+        print(f"{r['name']:<14}{lrs:>24}{whole:>10}{r['curve'][-1][1]:>11.4f}"
               f"{f'{reach:,.0f}' if reach is not None else 'not reached':>22}{r['train_minutes']:>6.1f}")
     reach = tokens_to_reach(best_muon["curve"], target)
     ratio = f"{reach / best_adamw['tokens']:.3f}" if reach is not None else f"> 1 (not reached in {args.tokens:,})"

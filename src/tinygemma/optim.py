@@ -188,9 +188,8 @@ def explain_oom(micro_batch: int, block_size: int, grad_accum: int, last_good: C
     try:
         yield
     except torch.cuda.OutOfMemoryError:
-        half = max(1, micro_batch // 2)
-        raise UserError(
-            f"CUDA out of memory in a training step at micro-batch {micro_batch} x block size {block_size}: "
-            f"lower --micro-batch and raise --grad-accum to keep the tokens per step (e.g. --micro-batch {half} "
-            f"--grad-accum {grad_accum * micro_batch // half}), or lower --block-size; "
-            f"last good checkpoint: {last_good()}") from None
+        keep = (f" (e.g. --micro-batch {micro_batch // 2} --grad-accum {grad_accum * 2} keeps the tokens per step)"
+                if micro_batch % 2 == 0 else "")
+        raise UserError(f"CUDA out of memory in a training step at micro-batch {micro_batch}, block size "
+                        f"{block_size}: lower --micro-batch and raise --grad-accum{keep}, or lower --block-size; "
+                        f"last good checkpoint: {last_good()}") from None

@@ -643,7 +643,8 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
                 shared[0] /= world
             (train_loss, stop_votes), norm = shared.tolist(), grad_norm.item()  # one host sync for both
             finite = math.isfinite(train_loss) and math.isfinite(norm)
-            if precision.scaler and not stepped and math.isfinite(train_loss):
+            overflow = precision.scaler is not None and not stepped and math.isfinite(train_loss)
+            if overflow:
                 # fp16 gradient overflow, part of loss scaling: the scaler skipped the step and lowered the scale
                 state["overflow_steps"] += 1
                 if master:
@@ -685,7 +686,8 @@ def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, reci
             record = None
             if step % cfg.log_interval == 0 or is_eval:
                 tps = window_tokens / window_s
-                record = {"step": step, "tokens": state["tokens"], "train_loss": train_loss if finite else None,
+                record = {"step": step, "tokens": state["tokens"],
+                          "train_loss": train_loss if finite or overflow else None,
                           "lr": lr, "grad_norm": norm if finite else None, "tokens_per_s": tps,
                           "mfu": tps * flops_per_token / peak_total if peak_total else None,
                           "peak_mem_mb": peak_memory_mb(device)}
