@@ -1,7 +1,7 @@
 """Tokens to a given loss: the ``tutorial`` recipe vs tuned AdamW vs Muon, same model, data and tokens.
 
     python bench/recipe.py                                    # tiny preset, 98,304 tokens per run
-    python bench/recipe.py --tokens 32768 --block-size 64 --score best   # the README's run (a busy 2-core CPU)
+    python bench/recipe.py --tokens 24576 --block-size 64 --evals 6 --eval-batches 2 --score best  # README (busy CPU)
     python bench/recipe.py --model small --tokens 5000000 --micro-batch 32   # e.g. on a GPU
 
 Every run shares the model, the data (the shared TinyStories sample), the token budget, the batch shape
