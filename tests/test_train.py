@@ -184,7 +184,7 @@ def reference_run(data_dir, tmp_path_factory):
         if recipe not in runs:
             out = tmp_path_factory.mktemp(f"reference-{recipe}")
             proc = _start(data_dir, out, *RESUME_RUN, *RECIPE_ARGS[recipe])
-            assert proc.wait(120) == 0, proc.communicate()[1][-2000:]
+            assert proc.wait(300) == 0, proc.communicate()[1][-2000:]
             runs[recipe] = out
         return runs[recipe]
     return get
