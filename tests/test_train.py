@@ -160,7 +160,7 @@ def _start(data_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
         assert proc.poll() is None, f"run ended early: {proc.communicate()[1][-2000:]}"
