@@ -1,13 +1,14 @@
 """Tokens to a given loss: the ``tutorial`` recipe vs tuned AdamW vs Muon, same model, data and tokens.
 
     python bench/recipe.py                                    # tiny preset, 98,304 tokens per run
-    python bench/recipe.py --tokens 24576 --block-size 64 --evals 6 --eval-batches 2 --score best  # README (busy CPU)
+    python bench/recipe.py --tokens 24576 --block-size 64 --evals 6 --eval-batches 2 --score best \
+        --muon-lrs 1e-2 3e-2 1e-1                             # the README's run (a busy 2-core CPU)
     python bench/recipe.py --model small --tokens 5000000 --micro-batch 32   # e.g. on a GPU
 
 Every run shares the model, the data (the shared TinyStories sample), the token budget, the batch shape
 (``--block-size`` x ``--micro-batch``, no accumulation) and the schedule shape (the ``adamw`` recipe's warmup
 fraction, cosine to lr/10). The ``tutorial`` recipe keeps its own LR, eps and clipping. AdamW's peak LR is
-swept first; Muon then trains the blocks' matrices with its LR swept over the same grid, the embedding and
+swept first; Muon then trains the blocks' matrices with its LR swept (``--muon-lrs``), the embedding and
 norm gains with AdamW at the tuned AdamW LR. The loss-vs-tokens curve is the in-run validation loss on fixed
 windows (the same windows for every run); a sweep's best is the lowest final value of that curve; "tokens
 to AdamW's loss" is where a run's curve first reaches tuned AdamW's final value (linear interpolation
@@ -112,8 +113,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=98_304, help="training tokens per run")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2],
-                   help="peak LRs swept for AdamW, then for Muon's matrices")
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2, 1e-1], help="AdamW's peak LRs")
+    p.add_argument("--muon-lrs", type=float, nargs="+", default=None, help="Muon's peak LRs (default: --lrs)")
     p.add_argument("--evals", type=int, default=8, help="evaluations per run (points of the curve)")
     p.add_argument("--eval-batches", type=int, default=4, help="fixed validation batches of the in-run curve")
     p.add_argument("--score", choices=("best", "all"), default="all",
@@ -130,7 +131,8 @@ def main() -> None:
     rows = [run("tutorial", "tutorial", {}, args)]
     adamw = [run(f"adamw-{lr:g}", "adamw", {"lr": lr}, args) for lr in args.lrs]
     best_adamw = min(adamw, key=lambda r: r["curve"][-1][1])
-    muon = [run(f"muon-{lr:g}", "muon", {"lr": best_adamw["lr"], "muon_lr": lr}, args) for lr in args.lrs]
+    muon = [run(f"muon-{lr:g}", "muon", {"lr": best_adamw["lr"], "muon_lr": lr}, args)
+            for lr in args.muon_lrs or args.lrs]
     best_muon = min(muon, key=lambda r: r["curve"][-1][1])
     rows += adamw + muon
     target = best_adamw["curve"][-1][1]
