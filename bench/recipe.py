@@ -2,7 +2,7 @@
 
     python bench/recipe.py                                    # tiny preset, 98,304 tokens per run
     python bench/recipe.py --tokens 24576 --block-size 64 --evals 6 --eval-batches 2 --score best \
-        --muon-lrs 1e-2 3e-2 1e-1                             # the README's run (a busy 2-core CPU)
+        --muon-lrs 3e-3 1e-2 3e-2 1e-1                        # the README's run (a busy 2-core CPU)
     python bench/recipe.py --model small --tokens 5000000 --micro-batch 32   # e.g. on a GPU
 
 Every run shares the model, the data (the shared TinyStories sample), the token budget, the batch shape

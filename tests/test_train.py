@@ -53,10 +53,11 @@ def subprocess_env() -> dict:
 
 
 # -- configuration ---------------------------------------------------------------------------------------
-def test_default_recipe_file_matches_dataclass_defaults():
+def test_recipe_files_match_dataclass_defaults():
     from dataclasses import asdict
 
-    assert resolve_config(load_recipe("default"), {}) == TrainConfig()
+    assert resolve_config(load_recipe("adamw"), {}) == TrainConfig()
+    assert resolve_config(load_recipe("default"), {}) == resolve_config(load_recipe("muon"), {})
     assert set(load_recipe("tutorial")) <= set(asdict(TrainConfig()))
 
 

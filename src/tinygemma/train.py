@@ -76,7 +76,8 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on. The defaults are the ``default`` recipe for gemma3-270m."""
+    """Everything a run depends on. The defaults are the ``adamw`` recipe for gemma3-270m (so configs saved
+    before the optimizer fields existed resume as what they were); the ``default`` recipe is ``muon``."""
 
     data: str = field(default="data/tinystories", metadata={"help": "prepared data folder"})
     out: str = field(default="runs/gemma3-270m", metadata={"help": "run folder (checkpoints, metrics, plots)"})
@@ -740,7 +741,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="pre-train a model on prepared data",
                               description="Pre-train a Gemma 3 preset; flags override the recipe, --set KEY=VALUE "
                                           "sets any TrainConfig field.")
-    p.add_argument("--recipe", default=None, help="default | tutorial | a JSON file (default: default)")
+    p.add_argument("--recipe", default=None, help="default (= muon) | muon | adamw | tutorial | a JSON file "
+                                                  "(default: default)")
     p.add_argument("--resume", default=None, metavar="auto|CKPT", help="continue the latest checkpoint in --out "
                                                                         "(auto) or a given checkpoint folder")
     p.add_argument("--force", action="store_true", help="start over in an --out that holds another run")
