@@ -74,7 +74,7 @@ def test_optimizer_state_round_trips_per_inner_optimizer(model):
 
 def test_recipes_differ_only_in_the_optimizer():
     adamw, muon = (resolve_config(load_recipe(r), {}) for r in ("adamw", "muon"))
-    assert adamw.optimizer == "adamw" and muon.optimizer == "muon" and muon.muon_lr is not None
+    assert adamw.optimizer == "adamw" and muon.optimizer == "muon" and muon.matrix_lr == muon.lr
     same = {k: v for k, v in vars(adamw).items() if k != "optimizer" and not k.startswith("muon_")}
     assert same == {k: v for k, v in vars(muon).items() if k in same}
 

@@ -29,9 +29,9 @@ from tinygemma.train import (
     resolve_config,
 )
 
-# small and fast: 4 x 32 tokens per micro-batch, accumulation 2
-BASE = ["--model", "tiny", "--block-size", "32", "--micro-batch", "4", "--grad-accum", "2", "--lr", "3e-3",
-        "--eval-batches", "2", "--log-interval", "1", "--no-progress"]
+# small and fast: 4 x 32 tokens per micro-batch, accumulation 2; all-AdamW unless a test asks for Muon
+BASE = ["--recipe", "adamw", "--model", "tiny", "--block-size", "32", "--micro-batch", "4", "--grad-accum", "2",
+        "--lr", "3e-3", "--eval-batches", "2", "--log-interval", "1", "--no-progress"]
 
 
 def run_cli(*args: str) -> int:
@@ -89,7 +89,7 @@ def test_schedule_warmup_then_cosine():
     ({"grad_accum": 0}, "grad_accum must be >= 1"), ({"nonfinite": "ignore"}, "nonfinite must be"),
     ({"block_size": "big"}, "expected int"), ({"precision": "fp8"}, "precision must be auto, bf16, fp16 or fp32"),
     ({"optimizer": "sgd"}, "optimizer must be adamw or muon"),
-    ({"muon_lr": 1e-2}, "muon_lr set, but optimizer is 'adamw'"),
+    ({"optimizer": "adamw"}, "muon_weight_decay, muon_momentum set, but optimizer is 'adamw'"),
     ({"optimizer": "muon", "muon_lr": -1e-2}, "muon_lr must be positive"),
     ({"optimizer": "muon", "muon_momentum": 1.0}, "muon_momentum must lie in"),
 ])
@@ -133,8 +133,9 @@ def test_loss_falls_and_metrics_plots_checkpoints_appear(short_run):
     saved = json.loads((ckpt / "run_config.json").read_text())
     assert saved["train"]["max_steps"] == 20 and saved["model"]["hidden_size"] == 64
     assert not any("_orig_mod" in k for k in load_file(ckpt / "model.safetensors"))
-    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    assert len(optim["state"]) == sum(1 for _ in _tiny_params())
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)  # the default recipe: Muon + AdamW
+    assert set(optim) == {"muon", "adamw"}
+    assert sum(len(o["state"]) for o in optim.values()) == sum(1 for _ in _tiny_params())
     assert not list(short_run.glob(".tmp-*"))
 
 
@@ -359,7 +360,8 @@ def test_bad_inputs_are_one_line_errors(data_dir, short_run, tmp_path, capsys):
     assert "precision must be auto, bf16, fp16 or fp32, got 'fp8'" in _cli_error(capsys, *common, *out,
                                                                                 "--precision", "fp8")
     assert "muon_lr must be positive" in _cli_error(capsys, *common, *out, "--recipe", "muon", "--muon-lr", "-1")
-    assert "muon_lr set, but optimizer is 'adamw'" in _cli_error(capsys, *common, *out, "--muon-lr", "1e-2")
+    assert "muon_lr set, but optimizer is 'adamw'" in _cli_error(capsys, *common, *out, "--recipe", "adamw",
+                                                                 "--muon-lr", "1e-2")
     assert "grad_accum must be >= 1" in _cli_error(capsys, *common, *out, "--grad-accum", "0")
     assert "unknown recipe" in _cli_error(capsys, *common, *out, "--recipe", "nanogpt")
     # data made with another vocabulary than the model's

@@ -137,7 +137,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer must be adamw or muon, got {self.optimizer!r}"),
             (self.optimizer == "muon" or all(getattr(self, k) is None for k in MUON_KEYS),
              f"{', '.join(k for k in MUON_KEYS if getattr(self, k) is not None)} set, but optimizer is "
-             f"{self.optimizer!r} (set optimizer=muon or use --recipe muon)"),
+             f"{self.optimizer!r} (they need optimizer=muon; for all-AdamW use --recipe adamw)"),
             (self.muon_lr is None or self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}"),
             (self.muon_weight_decay is None or self.muon_weight_decay >= 0,
              f"muon_weight_decay must be >= 0, got {self.muon_weight_decay}"),
