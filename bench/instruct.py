@@ -42,7 +42,7 @@ def pretrain(args: argparse.Namespace, data: Path) -> Path:
     Trainer({"data": str(data), "out": str(out), "model": "small", "device": "cpu", "compile": False,
              "block_size": 256, "micro_batch": 16, "grad_accum": 1, "max_tokens": args.pretrain_tokens,
              "max_steps": None, "lr": 3e-3, "warmup_steps": 30, "eval_interval": 100, "eval_batches": 4,
-             "progress": False}, recipe="default", force=True).fit()
+             "progress": False}, recipe="adamw", force=True).fit()
     return out / run.BEST
 
 

@@ -1,21 +1,26 @@
-"""Quality at equal compute: the ``tutorial`` recipe vs ``default`` on a small preset, same data, same tokens.
+"""Tokens to a given loss: the ``tutorial`` recipe vs tuned AdamW vs Muon, same model, data and tokens.
 
-    python bench/recipe.py                       # CPU: tiny preset, 98,304 tokens per run (a few minutes)
-    python bench/recipe.py --model small --tokens 2000000 --batch-scale 8   # bigger, e.g. on a GPU
+    python bench/recipe.py                                    # tiny preset, 98,304 tokens per run
+    python bench/recipe.py --tokens 24576 --block-size 64 --evals 6 --eval-batches 2 --score best \
+        --muon-lrs 3e-3 1e-2 3e-2 1e-1                        # the README's run (a busy 2-core CPU)
+    python bench/recipe.py --model small --tokens 5000000 --micro-batch 32   # e.g. on a GPU
 
-Both recipes are scaled to the budget the same way: every recipe's tokens per optimizer step is divided by
-``--batch-scale`` (micro-batch first, then accumulation; block size kept), so each keeps its ratio of steps;
-warmup and decay stay the same fractions of the run; LR values, betas, eps, weight decay and clipping are
-the recipes' own. Both final models are then scored on the same validation tokens, cut into consecutive
-windows of 128 (the tutorial's block) and of 512 tokens.
+Every run shares the model, the data (the shared TinyStories sample), the token budget, the batch shape
+(``--block-size`` x ``--micro-batch``, no accumulation) and the schedule shape (the ``adamw`` recipe's warmup
+fraction, cosine to lr/10). The ``tutorial`` recipe keeps its own LR, eps and clipping. AdamW's peak LR is
+swept first; Muon then trains the blocks' matrices with its LR swept (``--muon-lrs``), the embedding and
+norm gains with AdamW at the tuned AdamW LR. The loss-vs-tokens curve is the in-run validation loss on fixed
+windows (the same windows for every run); a sweep's best is the lowest final value of that curve; "tokens
+to AdamW's loss" is where a run's curve first reaches tuned AdamW's final value (linear interpolation
+between evaluations). Final models are scored like ``tinygemma eval`` on the whole validation split: every
+run, or with ``--score best`` (slow CPUs) the tutorial and each sweep's best.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,72 +28,136 @@ import numpy as np
 import torch
 
 from tinygemma.data import PrepareConfig, TokenDataset, prepare
+from tinygemma.evaluate import evaluate_tokens
 from tinygemma.model import Gemma3
 from tinygemma.train import load_recipe, resolve_config
 from tinygemma.trainer import train
 
 
-def scaled(recipe: str, args: argparse.Namespace, data: Path, out: Path):
-    base = load_recipe(recipe)
-    cfg = resolve_config(base, {})
-    per_step = cfg.micro_batch * cfg.grad_accum // args.batch_scale  # sequences per step after scaling
-    if per_step < 1:
-        raise SystemExit(f"--batch-scale {args.batch_scale} leaves {recipe} less than one sequence per step")
-    micro = min(cfg.micro_batch, per_step)
-    overrides = {"model": args.model, "data": str(data), "out": str(out), "max_tokens": args.tokens,
-                 "micro_batch": micro, "grad_accum": per_step // micro, "eval_batches": 1, "progress": False,
-                 "compile": False, "device": args.device}
-    steps = math.ceil(args.tokens / (cfg.block_size * per_step))
-    overrides["eval_interval"] = steps  # score once, at the end, on the shared windows below
-    return resolve_config(base, overrides), steps
+def run(name: str, recipe: str, extra: dict, args: argparse.Namespace) -> dict:
+    """Train one configuration; returns a results row (kept in WORKDIR/NAME/result.json)."""
+    out = Path(args.workdir) / name
+    if (out / "result.json").is_file():  # finished earlier: a stopped sweep picks up where it was
+        return json.loads((out / "result.json").read_text())
+    steps = args.tokens // (args.block_size * args.micro_batch)
+    shape = load_recipe("adamw")
+    overrides = {"model": args.model, "data": str(Path(args.workdir) / "data"), "out": str(out), "device": args.device,
+                 "block_size": args.block_size, "micro_batch": args.micro_batch, "grad_accum": 1,
+                 "max_tokens": args.tokens, "warmup_frac": shape["warmup_frac"], "min_lr_ratio": shape["min_lr_ratio"],
+                 "eval_interval": max(1, steps // args.evals), "eval_batches": args.eval_batches,
+                 "save_interval": steps, "progress": False, "compile": False, **extra}
+    cfg = resolve_config(load_recipe(recipe), overrides)
+    start = time.perf_counter()
+    state = train(cfg, recipe=recipe, force=True)
+    minutes = (time.perf_counter() - start) / 60
+    curve = [(r["tokens"], r["val_loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "val_loss" in r]
+    row = {"name": name, "recipe": recipe, "optimizer": cfg.optimizer, "lr": cfg.lr,
+           "muon_lr": cfg.muon_lr, "tokens": state["tokens"], "steps": state["step"], "block_size": cfg.block_size,
+           "checkpoint": str(out / f"checkpoint-{state['step']}"), "curve": curve, "train_minutes": minutes}
+    (out / "result.json").write_text(json.dumps(row, indent=2) + "\n")
+    print(f"{name}: val loss {curve[-1][1]:.4f} (fixed windows) after {row['tokens']:,} tokens ({minutes:.1f} min)",
+          flush=True)
+    return row
 
 
-@torch.no_grad()
-def val_loss(model: Gemma3, tokens: np.ndarray, block: int, limit: int, device: str) -> float:
-    n = min(limit, len(tokens) - 1) // block * block
-    x = torch.from_numpy(tokens[:n].astype(np.int64)).view(-1, block)
-    y = torch.from_numpy(tokens[1: n + 1].astype(np.int64)).view(-1, block)
-    total = 0.0
-    for i in range(0, len(x), 16):
-        _, loss = model(x[i: i + 16].to(device), y[i: i + 16].to(device))
-        total += loss.item() * len(x[i: i + 16])
-    return total / len(x)
+def score(row: dict, args: argparse.Namespace) -> None:
+    """Add the whole validation split's loss to ``row``, as ``tinygemma eval CHECKPOINT`` computes it."""
+    if "val_loss" not in row:
+        model = Gemma3.from_pretrained(row["checkpoint"], device=args.device).eval()
+        scored = evaluate_tokens(model, TokenDataset(Path(args.workdir) / "data", "val").tokens, row["block_size"],
+                                 batch_size=16)
+        row.update(val_loss=scored["loss"], val_tokens=scored["tokens"])
+        (Path(args.workdir) / row["name"] / "result.json").write_text(json.dumps(row, indent=2) + "\n")
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First token count at which the curve is at or below ``target`` (linear between points), else None."""
+    prev = (0, float("inf"))
+    for tokens, loss in curve:
+        if loss <= target:
+            if not np.isfinite(prev[1]):
+                return float(tokens)
+            return prev[0] + (tokens - prev[0]) * (prev[1] - target) / (prev[1] - loss)
+        prev = (tokens, loss)
+    return None
+
+
+def plot(rows: list[dict], best: dict[str, dict], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = {"tutorial": "tab:gray", "adamw": "tab:blue", "muon": "tab:red"}
+    for r in rows:
+        kind = "tutorial" if r["recipe"] == "tutorial" else r["optimizer"]
+        xs, ys = zip(*r["curve"], strict=True)
+        chosen = best.get(kind) is r
+        lr = r["muon_lr"] if kind == "muon" else r["lr"]
+        ax.plot(xs, ys, "o-" if chosen else "--", color=colors[kind], alpha=1.0 if chosen else 0.35,
+                markersize=3, label=f"{kind} lr {lr:g}" + (" (best)" if chosen and kind != "tutorial" else ""))
+    ax.axhline(target, color="tab:blue", linestyle=":", linewidth=1, label="tuned AdamW's final loss")
+    ax.set(xlabel="training tokens", ylabel="validation loss (nats, fixed windows)",
+           title="loss vs tokens at equal budget", ylim=(None, min(11.0, max(r["curve"][0][1] for r in rows) + 0.2)))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny")
-    p.add_argument("--tokens", type=int, default=98_304, help="training tokens per recipe")
-    p.add_argument("--batch-scale", type=int, default=64, help="divide each recipe's tokens per step by this")
+    p.add_argument("--tokens", type=int, default=98_304, help="training tokens per run")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2, 1e-1], help="AdamW's peak LRs")
+    p.add_argument("--muon-lrs", type=float, nargs="+", default=None, help="Muon's peak LRs (default: --lrs)")
+    p.add_argument("--evals", type=int, default=8, help="evaluations per run (points of the curve)")
+    p.add_argument("--eval-batches", type=int, default=4, help="fixed validation batches of the in-run curve")
+    p.add_argument("--score", choices=("best", "all"), default="all",
+                   help="score on the whole validation split every run, or the tutorial and each sweep's best")
     p.add_argument("--source", default=os.environ.get("TINYSTORIES_DIR", "../shared/data/tinystories"))
-    p.add_argument("--eval-tokens", type=int, default=32_768)
+    p.add_argument("--workdir", default="runs/bench-recipe", help="runs and results (a rerun reuses finished runs)")
+    p.add_argument("--plot", default="docs/recipe.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        prepare(PrepareConfig(source=args.source, out=str(tmp / "data")))
-        val = TokenDataset(tmp / "data", "val").tokens
-        rows = []
-        for recipe in ("tutorial", "default"):
-            cfg, steps = scaled(recipe, args, tmp / "data", tmp / recipe)
-            start = time.perf_counter()
-            state = train(cfg, recipe=recipe)
-            model = Gemma3.from_pretrained(tmp / recipe / f"checkpoint-{state['step']}", device=args.device).eval()
-            rows.append({"recipe": recipe, "steps": steps, "batch": f"{cfg.micro_batch}x{cfg.block_size}x"
-                         f"{cfg.grad_accum}", "lr": f"{cfg.lr:g}->{cfg.final_lr:g}", "tokens": state["tokens"],
-                         "val128": val_loss(model, val, 128, args.eval_tokens, args.device),
-                         "val512": val_loss(model, val, 512, args.eval_tokens, args.device),
-                         "minutes": (time.perf_counter() - start) / 60})
-    print(f"\nmodel {args.model}, {args.tokens:,} training tokens per recipe, batch scale 1/{args.batch_scale}, "
-          f"validation on {args.eval_tokens:,} tokens")
-    print(f"{'recipe':<10}{'steps':>7}{'micro x block x accum':>23}{'lr':>16}{'tokens':>10}{'val@128':>9}"
-          f"{'val@512':>9}{'min':>6}")
+    work = Path(args.workdir)
+    if not (work / "data" / "meta.json").is_file():
+        prepare(PrepareConfig(source=args.source, out=str(work / "data")))
+
+    rows = [run("tutorial", "tutorial", {}, args)]
+    adamw = [run(f"adamw-{lr:g}", "adamw", {"lr": lr}, args) for lr in args.lrs]
+    best_adamw = min(adamw, key=lambda r: r["curve"][-1][1])
+    muon = [run(f"muon-{lr:g}", "muon", {"lr": best_adamw["lr"], "muon_lr": lr}, args)
+            for lr in args.muon_lrs or args.lrs]
+    best_muon = min(muon, key=lambda r: r["curve"][-1][1])
+    rows += adamw + muon
+    target = best_adamw["curve"][-1][1]
+    best = {"tutorial": rows[0], "adamw": best_adamw, "muon": best_muon}
+    for r in rows if args.score == "all" else best.values():
+        score(r, args)
+    plot(rows, best, target, Path(args.plot))
+
+    print(f"\nmodel {args.model}, {args.tokens:,} tokens per run ({args.block_size} x {args.micro_batch} per step), "
+          f"whole validation split: {rows[0]['val_tokens']:,} tokens; device {args.device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'run':<14}{'peak lr (AdamW / Muon)':>24}{'whole val':>10}{'curve end':>11}{'tokens to AdamW loss':>22}"
+          f"{'min':>6}")
     for r in rows:
-        print(f"{r['recipe']:<10}{r['steps']:>7}{r['batch']:>23}{r['lr']:>16}{r['tokens']:>10,}{r['val128']:>9.3f}"
-              f"{r['val512']:>9.3f}{r['minutes']:>6.1f}")
-    tut, dflt = rows
-    print(f"default - tutorial: {dflt['val128'] - tut['val128']:+.3f} nats at 128 tokens, "
-          f"{dflt['val512'] - tut['val512']:+.3f} at 512 (perplexity x{math.exp(dflt['val128'] - tut['val128']):.2f})")
+        reach = tokens_to_reach(r["curve"], target)
+        lrs = f"{r['lr']:g}" + (f" / {r['muon_lr']:g}" if r["muon_lr"] is not None else "")
+        whole = f"{r['val_loss']:.4f}" if "val_loss" in r else "-"
+        print(f"{r['name']:<14}{lrs:>24}{whole:>10}{r['curve'][-1][1]:>11.4f}"
+              f"{f'{reach:,.0f}' if reach is not None else 'not reached':>22}{r['train_minutes']:>6.1f}")
+    reach = tokens_to_reach(best_muon["curve"], target)
+    ratio = f"{reach / best_adamw['tokens']:.3f}" if reach is not None else f"> 1 (not reached in {args.tokens:,})"
+    print(f"tokens Muon (best, {best_muon['name']}) needs to reach tuned AdamW's ({best_adamw['name']}) final loss "
+          f"{target:.4f} / AdamW's tokens: {ratio}; whole-split val loss Muon - AdamW: "
+          f"{best_muon['val_loss'] - best_adamw['val_loss']:+.4f} nats; plot: {args.plot}")
 
 
 if __name__ == "__main__":

@@ -27,14 +27,14 @@ import sys
 import tempfile
 import time
 import types
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from tinygemma.data import PrepareConfig, prepare
 from tinygemma.model import Gemma3, apply_rope, load_model_config
-from tinygemma.train import TrainConfig, autocast_dtype, peak_flops, peak_memory_mb
+from tinygemma.optim import Precision
+from tinygemma.train import TrainConfig, peak_flops, peak_memory_mb
 from tinygemma.trainer import Trainer
 
 VARIANTS = ("tinygemma", "tinygemma+compile", "hf", "hf+compile", "tutorial")
@@ -63,7 +63,7 @@ def time_trainer(spec: dict, model_cfg) -> dict:
                            "precision": spec["precision"], "compile": spec["variant"].endswith("+compile"),
                            "block_size": spec["block"], "micro_batch": spec["micro"], "grad_accum": 1,
                            "max_steps": warmup + steps, "max_tokens": None, "eval_batches": 1, "progress": False,
-                           "peak_tflops": spec["peak_tflops"]})
+                           "peak_tflops": spec["peak_tflops"]}, recipe="adamw")  # as the baselines
         sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
         for _ in range(warmup):  # compilation, allocator and kernel warm-up
             trainer.train_step()
@@ -88,8 +88,7 @@ def child(spec: dict) -> dict:
                       precision=spec["precision"])
     model_cfg = load_model_config(spec["model"])
     variant, micro, block = spec["variant"], spec["micro"], spec["block"]
-    amp = autocast_dtype(cfg, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+    autocast = Precision(cfg.precision, device).autocast
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if variant.startswith("tinygemma"):

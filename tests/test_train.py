@@ -29,9 +29,9 @@ from tinygemma.train import (
     resolve_config,
 )
 
-# small and fast: 4 x 32 tokens per micro-batch, accumulation 2
-BASE = ["--model", "tiny", "--block-size", "32", "--micro-batch", "4", "--grad-accum", "2", "--lr", "3e-3",
-        "--eval-batches", "2", "--log-interval", "1", "--no-progress"]
+# small and fast: 4 x 32 tokens per micro-batch, accumulation 2; all-AdamW unless a test asks for Muon
+BASE = ["--recipe", "adamw", "--model", "tiny", "--block-size", "32", "--micro-batch", "4", "--grad-accum", "2",
+        "--lr", "3e-3", "--eval-batches", "2", "--log-interval", "1", "--no-progress"]
 
 
 def run_cli(*args: str) -> int:
@@ -53,10 +53,11 @@ def subprocess_env() -> dict:
 
 
 # -- configuration ---------------------------------------------------------------------------------------
-def test_default_recipe_file_matches_dataclass_defaults():
+def test_recipe_files_match_dataclass_defaults():
     from dataclasses import asdict
 
-    assert resolve_config(load_recipe("default"), {}) == TrainConfig()
+    assert resolve_config(load_recipe("adamw"), {}) == TrainConfig()
+    assert resolve_config(load_recipe("default"), {}) == resolve_config(load_recipe("muon"), {})
     assert set(load_recipe("tutorial")) <= set(asdict(TrainConfig()))
 
 
@@ -86,7 +87,11 @@ def test_schedule_warmup_then_cosine():
 @pytest.mark.parametrize("override, message", [
     ({"lrr": 1.0}, "did you mean 'lr'"), ({"lr": -1.0}, "lr must be positive"),
     ({"grad_accum": 0}, "grad_accum must be >= 1"), ({"nonfinite": "ignore"}, "nonfinite must be"),
-    ({"block_size": "big"}, "expected int"),
+    ({"block_size": "big"}, "expected int"), ({"precision": "fp8"}, "precision must be auto, bf16, fp16 or fp32"),
+    ({"optimizer": "sgd"}, "optimizer must be adamw or muon"),
+    ({"optimizer": "adamw"}, "muon_weight_decay, muon_momentum set, but optimizer is 'adamw'"),
+    ({"optimizer": "muon", "muon_lr": -1e-2}, "muon_lr must be positive"),
+    ({"optimizer": "muon", "muon_momentum": 1.0}, "muon_momentum must lie in"),
 ])
 def test_bad_config_values(override, message):
     with pytest.raises(UserError, match=message):
@@ -128,8 +133,9 @@ def test_loss_falls_and_metrics_plots_checkpoints_appear(short_run):
     saved = json.loads((ckpt / "run_config.json").read_text())
     assert saved["train"]["max_steps"] == 20 and saved["model"]["hidden_size"] == 64
     assert not any("_orig_mod" in k for k in load_file(ckpt / "model.safetensors"))
-    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    assert len(optim["state"]) == sum(1 for _ in _tiny_params())
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)  # the default recipe: Muon + AdamW
+    assert set(optim) == {"muon", "adamw"}
+    assert sum(len(o["state"]) for o in optim.values()) == sum(1 for _ in _tiny_params())
     assert not list(short_run.glob(".tmp-*"))
 
 
@@ -156,7 +162,7 @@ def _start(data_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
         assert proc.poll() is None, f"run ended early: {proc.communicate()[1][-2000:]}"
@@ -167,12 +173,23 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
 RESUME_RUN = ("--max-steps", "16", "--eval-interval", "6", "--save-interval", "4", "--micro-batch", "2")
 
 
+RECIPE_ARGS = {"adamw": (), "muon": ("--recipe", "muon", "--lr", "3e-3", "--muon-lr", "1e-2"),
+               "fp16": ("--precision", "fp16")}
+
+
 @pytest.fixture(scope="session")
 def reference_run(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    proc = _start(data_dir, out, *RESUME_RUN)
-    assert proc.wait(120) == 0, proc.communicate()[1][-2000:]
-    return out
+    """recipe -> the uninterrupted run folder (made on first use)."""
+    runs = {}
+
+    def get(recipe: str) -> Path:
+        if recipe not in runs:
+            out = tmp_path_factory.mktemp(f"reference-{recipe}")
+            proc = _start(data_dir, out, *RESUME_RUN, *RECIPE_ARGS[recipe])
+            assert proc.wait(300) == 0, proc.communicate()[1][-2000:]
+            runs[recipe] = out
+        return runs[recipe]
+    return get
 
 
 def _assert_same_run(out: Path, reference: Path) -> None:
@@ -180,29 +197,33 @@ def _assert_same_run(out: Path, reference: Path) -> None:
     ours, ref = load_file(out / "checkpoint-16" / "model.safetensors"), load_file(reference / "checkpoint-16" /
                                                                                   "model.safetensors")
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    states = [json.loads((run / "checkpoint-16" / "trainer_state.json").read_text()) for run in (out, reference)]
+    assert states[0]["scaler"] == states[1]["scaler"]
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_is_bit_exact(data_dir, tmp_path, reference_run):
-    proc = _start(data_dir, tmp_path, *RESUME_RUN)
+@pytest.mark.parametrize("recipe", ["adamw", "muon"])
+def test_sigterm_then_resume_is_bit_exact(data_dir, tmp_path, reference_run, recipe):
+    proc = _start(data_dir, tmp_path, *RESUME_RUN, *RECIPE_ARGS[recipe])
     _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 4, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     stopped = [int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*")]
     assert 4 <= max(stopped) < 16, "the run was not interrupted"
     assert run_cli("--data", str(data_dir), "--out", str(tmp_path), "--resume", "auto", "--no-progress") == 0
-    _assert_same_run(tmp_path, reference_run)
+    _assert_same_run(tmp_path, reference_run(recipe))
 
 
 @pytest.mark.slow
-def test_sigkill_after_checkpoint_then_resume_is_bit_exact(data_dir, tmp_path, reference_run):
-    proc = _start(data_dir, tmp_path, *RESUME_RUN)
+@pytest.mark.parametrize("recipe", ["adamw", "muon", "fp16"])
+def test_sigkill_after_checkpoint_then_resume_is_bit_exact(data_dir, tmp_path, reference_run, recipe):
+    proc = _start(data_dir, tmp_path, *RESUME_RUN, *RECIPE_ARGS[recipe])
     _wait_for(lambda: (tmp_path / "checkpoint-8").is_dir(), proc)
     proc.kill()
     proc.wait(30)
     assert not (tmp_path / "checkpoint-16").exists(), "the run was not interrupted"
     assert run_cli("--data", str(data_dir), "--out", str(tmp_path), "--resume", "auto", "--no-progress") == 0
-    _assert_same_run(tmp_path, reference_run)
+    _assert_same_run(tmp_path, reference_run(recipe))
 
 
 @pytest.mark.slow
@@ -278,6 +299,55 @@ def test_nonfinite_values_stop_and_keep_last_checkpoint(data_dir, tmp_path, caps
     assert [r["train_loss"] is None for r in metrics(skip)] == [False, True, True, True]
 
 
+# -- fp16 with loss scaling, out of memory ----------------------------------------------------------------
+def test_fp16_overflow_is_skipped_lowers_the_scale_and_resumes_with_it(data_dir, tmp_path, monkeypatch, capsys):
+    from tinygemma import trainer as train_module  # the module that calls forward_backward
+
+    real = train_module.forward_backward
+    calls = []
+
+    def overflow_at_second_step(step_model, batches, precision):
+        loss = real(step_model, batches, precision)
+        calls.append(1)
+        if len(calls) == 2:  # as a too-large loss scale would: inf in one (scaled) gradient
+            next(step_model.parameters()).grad[0, 0] = float("inf")
+        return loss
+
+    monkeypatch.setattr(train_module, "forward_backward", overflow_at_second_step)
+    args = ["--data", str(data_dir), "--out", str(tmp_path), *BASE, "--precision", "fp16", "--eval-interval", "8"]
+    assert run_cli(*args, "--max-steps", "8") == 0
+    assert "step 2: fp16 gradient overflow; step skipped, loss scale now 32768" in capsys.readouterr().err
+    rows = metrics(tmp_path)
+    assert [r["grad_norm"] is None for r in rows[:3]] == [False, True, False] and rows[1]["train_loss"] is not None
+    assert np.mean([r["train_loss"] for r in rows[-3:]]) < rows[0]["train_loss"] - 0.5  # fp16 learns
+    state = json.loads((tmp_path / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["overflow_steps"] == 1 and state["skipped_steps"] == 0 and state["scaler"]["scale"] == 2.0**15
+    optim = torch.load(tmp_path / "checkpoint-8" / "optimizer.pt", weights_only=True)
+    assert {float(s["step"]) for s in optim["state"].values()} == {7.0}  # 8 steps, one skipped
+    # the resumed run starts from the lowered scale (a fresh scaler would start at 2^16)
+    assert run_cli("--out", str(tmp_path), "--resume", "auto", "--max-steps", "10", "--no-progress") == 0
+    state = json.loads((tmp_path / "checkpoint-10" / "trainer_state.json").read_text())
+    assert state["scaler"]["scale"] == 2.0**15 and state["scaler"]["_growth_tracker"] == 8 and len(calls) == 10
+
+
+def test_cuda_out_of_memory_is_one_line_naming_the_fix(data_dir, tmp_path, monkeypatch, capsys):
+    from tinygemma import trainer as train_module  # the module that calls forward_backward
+
+    real, calls = train_module.forward_backward, []
+
+    def oom_at_third_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "forward_backward", oom_at_third_step)
+    err = _cli_error(capsys, "--data", str(data_dir), "--out", str(tmp_path), *BASE, "--max-steps", "4",
+                     "--save-interval", "2")
+    assert re.search(r"out of memory .*micro-batch 4, block size 32: lower --micro-batch and raise --grad-accum "
+                     r"\(e\.g\. --micro-batch 2 --grad-accum 4 .*last good checkpoint: .*checkpoint-2$", err), err
+
+
 # -- bad input: one line, exit 2, nothing lost -----------------------------------------------------------
 def _cli_error(capsys, *args: str) -> str:
     assert main(["train", *args]) == 2
@@ -293,6 +363,11 @@ def test_bad_inputs_are_one_line_errors(data_dir, short_run, tmp_path, capsys):
     assert "exceeds the model's context length 512" in _cli_error(capsys, *common, *out, "--block-size", "513")
     assert "did you mean 'lr'" in _cli_error(capsys, *common, *out, "--set", "lrr=1")
     assert "lr must be positive" in _cli_error(capsys, *common, *out, "--lr", "-1")
+    assert "precision must be auto, bf16, fp16 or fp32, got 'fp8'" in _cli_error(capsys, *common, *out,
+                                                                                "--precision", "fp8")
+    assert "muon_lr must be positive" in _cli_error(capsys, *common, *out, "--recipe", "muon", "--muon-lr", "-1")
+    assert "muon_lr set, but optimizer is 'adamw'" in _cli_error(capsys, *common, *out, "--recipe", "adamw",
+                                                                 "--muon-lr", "1e-2")
     assert "grad_accum must be >= 1" in _cli_error(capsys, *common, *out, "--grad-accum", "0")
     assert "unknown recipe" in _cli_error(capsys, *common, *out, "--recipe", "nanogpt")
     # data made with another vocabulary than the model's

@@ -1,8 +1,9 @@
 """What a training run is made of: its config and recipes, batches, schedule, optimizer, step and checkpoint files.
 
 :class:`tinygemma.trainer.Trainer` runs these pieces (``tinygemma train``): random windows from a memmap, AdamW
-with warmup + cosine decay fitted to the budget, gradient accumulation, fp32 master weights with bf16 autocast
-on CUDA, optional torch.compile, DDP under torchrun, and checkpoints that resume bit for bit.
+(or Muon for the blocks' matrices, see optim.py) with warmup + cosine decay fitted to the budget, gradient
+accumulation, fp32 master weights with bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing),
+optional torch.compile, DDP under torchrun, and checkpoints that resume bit for bit.
 
 Determinism: the batches of optimizer step ``s`` are a pure function of (seed, s), and rank r takes
 its slice of them, so a resumed run, a run with more accumulation or a run on more ranks sees exactly
@@ -12,7 +13,6 @@ the same global batch. Nothing else in the loop draws random numbers.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import resource
@@ -32,10 +32,12 @@ from tinygemma.evaluate import write_samples_report
 from tinygemma.export import write_hf_files
 from tinygemma.generate import SamplingConfig
 from tinygemma.model import Gemma3
+from tinygemma.optim import OPTIMIZERS, PRECISIONS, Optimizers, Precision, lr_factor
 from tinygemma.tokenizer import Tokenizer
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 BUDGET_KEYS = ("max_steps", "max_tokens", "time_budget")
+MUON_KEYS = ("muon_lr", "muon_weight_decay", "muon_momentum")
 # Keys that may change when resuming (budget, bookkeeping); anything else would silently change the run.
 RESUMABLE_KEYS = {*BUDGET_KEYS, "data", "out", "eval_interval", "save_interval", "log_interval", "keep_last",
                   "compile", "progress", "wandb", "wandb_project", "nonfinite", "peak_tflops", "device"}
@@ -49,7 +51,8 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on. The defaults are the ``default`` recipe for gemma3-270m."""
+    """Everything a run depends on. The defaults are the ``adamw`` recipe for gemma3-270m (so configs saved
+    before the optimizer fields existed resume as what they were); the ``default`` recipe is ``muon``."""
 
     data: str = field(default="data/tinystories", metadata={"help": "prepared data folder"})
     out: str = field(default="runs/gemma3-270m", metadata={"help": "run folder (checkpoints, metrics, plots)"})
@@ -58,7 +61,9 @@ class TrainConfig:
                                                                        "train on instruct records (finetune)"})
     seed: int = 1337
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA, fp32 on CPU)|bf16|fp32"})
+    precision: str = field(default="auto", metadata={"help": "auto|bf16|fp16|fp32 (auto: bf16 autocast on CUDA "
+                                                               "with bf16, fp16 + loss scaling on older CUDA "
+                                                               "GPUs, fp32 on CPU)"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile (default: on for CUDA)"})
     # batch: tokens per optimizer step = block_size x micro_batch x grad_accum x ranks
     block_size: int = 512
@@ -70,7 +75,14 @@ class TrainConfig:
     time_budget: float | None = field(default=None, metadata={"help": "minutes of training (wall clock, "
                                                                       "evaluations included)"})
     # optimizer and schedule
-    lr: float = 6e-4
+    optimizer: str = field(default="adamw", metadata={"help": "adamw (AdamW on all weights)|muon (Muon on the "
+                                                               "blocks' matrices, AdamW on the rest)"})
+    lr: float = field(default=6e-4, metadata={"help": "peak LR (AdamW groups)"})
+    muon_lr: float | None = field(default=None, metadata={"help": "Muon's peak LR, on AdamW's scale "
+                                                                   "(match_rms_adamw; default: lr)"})
+    muon_weight_decay: float | None = field(default=None, metadata={"help": "Muon's weight decay "
+                                                                             "(default: weight_decay)"})
+    muon_momentum: float | None = field(default=None, metadata={"help": "Muon's momentum (default: 0.95)"})
     min_lr: float | None = field(default=None, metadata={"help": "final LR (default: lr x min_lr_ratio)"})
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = field(default=None, metadata={"help": "warmup steps (default: warmup_frac)"})
@@ -98,8 +110,16 @@ class TrainConfig:
     def __post_init__(self):
         checks = [
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
-            (self.precision in ("auto", "bf16", "fp32"),
-             f"precision must be auto, bf16 or fp32, got {self.precision!r}"),
+            (self.precision in PRECISIONS, f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be adamw or muon, got {self.optimizer!r}"),
+            (self.optimizer == "muon" or all(getattr(self, k) is None for k in MUON_KEYS),
+             f"{', '.join(k for k in MUON_KEYS if getattr(self, k) is not None)} set, but optimizer is "
+             f"{self.optimizer!r} (they need optimizer=muon; for all-AdamW use --recipe adamw)"),
+            (self.muon_lr is None or self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}"),
+            (self.muon_weight_decay is None or self.muon_weight_decay >= 0,
+             f"muon_weight_decay must be >= 0, got {self.muon_weight_decay}"),
+            (self.muon_momentum is None or 0 <= self.muon_momentum < 1,
+             f"muon_momentum must lie in [0, 1), got {self.muon_momentum}"),
             (self.nonfinite in ("stop", "skip"), f"nonfinite must be stop or skip, got {self.nonfinite!r}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
@@ -130,6 +150,18 @@ class TrainConfig:
     @property
     def final_lr(self) -> float:
         return self.min_lr if self.min_lr is not None else self.lr * self.min_lr_ratio
+
+    @property
+    def matrix_lr(self) -> float:
+        return self.muon_lr if self.muon_lr is not None else self.lr
+
+    @property
+    def matrix_weight_decay(self) -> float:
+        return self.muon_weight_decay if self.muon_weight_decay is not None else self.weight_decay
+
+    @property
+    def matrix_momentum(self) -> float:
+        return self.muon_momentum if self.muon_momentum is not None else 0.95
 
 
 # -- configuration: recipe file + flags + --set ----------------------------------------------------------
@@ -221,22 +253,8 @@ class RecordSampler(Sampler):
 
 # -- schedule -------------------------------------------------------------------------------------------
 def lr_at(cfg: TrainConfig, step: int, total_steps: int | None) -> float:
-    """Linear warmup to ``lr`` then cosine decay to ``final_lr`` at ``total_steps`` (step counts from 0).
-
-    ``total_steps`` is None only for the first step of a time-budget run, before any step was timed.
-    """
-    if total_steps is None:
-        warmup = cfg.warmup_steps
-        if not warmup:
-            return 0.0  # calibration step: the warmup length is not known yet
-    else:
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_frac * total_steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    if total_steps is None or total_steps <= warmup:
-        return cfg.lr
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return cfg.final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.final_lr)
+    """The AdamW groups' LR at ``step``: ``lr`` times the schedule (:func:`tinygemma.optim.lr_factor`)."""
+    return cfg.lr * lr_factor(cfg, step, total_steps)
 
 
 # -- device, precision, optimizer -----------------------------------------------------------------------
@@ -247,25 +265,6 @@ def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def make_optimizer(model: Gemma3, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices of the blocks. Norm gains (zero-centred, so decay would pull them
-    to gain 1 rather than 0, which is not a prior we want) and the tied embedding/head are not decayed."""
-    embed = model.model.embed_tokens.weight
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 and p is not embed else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # the fused kernel (CPU and CUDA) updates all tensors in one pass: ~6x faster than foreach on CPU
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type in ("cuda", "cpu"))
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
@@ -283,25 +282,24 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def forward_backward(step_model: torch.nn.Module, model: Gemma3, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                     autocast, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate the gradient of one optimizer step over ``batches`` (x, y) and clip it.
+def forward_backward(step_model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     precision: Precision) -> torch.Tensor:
+    """Accumulate the gradient of one optimizer step over ``batches`` (x, y).
 
-    ``step_model`` is what runs the batches (plain, compiled and/or DDP-wrapped); ``model`` the plain module.
+    ``step_model`` is what runs the batches (plain, compiled and/or DDP-wrapped).
     Each micro-loss is divided by the number of micro-batches, so the gradient is that of one big batch;
-    under DDP, gradients are all-reduced only on the last micro-batch. Returns (mean loss, grad norm),
-    both still on the device (no host sync here).
+    under DDP, gradients are all-reduced only on the last micro-batch. Returns the mean loss, still on the
+    device (no host sync here).
     """
     ddp = isinstance(step_model, torch.nn.parallel.DistributedDataParallel)
     loss_sum = None
     for i, (x, y) in enumerate(batches):
         with nullcontext() if (not ddp or i == len(batches) - 1) else step_model.no_sync():
-            with autocast():
+            with precision.autocast():
                 _, loss = step_model(x, y, return_logits=False)
-            (loss / len(batches)).backward()
+            precision.backward(loss / len(batches))
         loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    return loss_sum / len(batches), grad_norm
+    return loss_sum / len(batches)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
@@ -336,7 +334,7 @@ def write_samples(model: Gemma3, out: Path, step: int, seed: int) -> list[str]:
     return [f"{r['prompt']}{r['text']}" for r in report["samples"]]
 
 
-def write_checkpoint(folder: Path, model: Gemma3, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+def write_checkpoint(folder: Path, model: Gemma3, optimizer: Optimizers, state: dict[str, Any],
                      run_config: dict[str, Any], card: dict[str, Any] | None = None) -> Path:
     """Write one complete checkpoint folder atomically: everything goes to ``.tmp-NAME`` and is then renamed.
 

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides,
 from tinygemma.data import TokenDataset
 from tinygemma.instruct import InstructDataset
 from tinygemma.model import Gemma3, ModelConfig, load_model_config
+from tinygemma.optim import Precision, build_optimizer, explain_oom, lr_factor, set_lr
 from tinygemma.plots import write_plots
 from tinygemma.tokenizer import EOT_ID, VOCAB_SIZE
 from tinygemma.train import (
@@ -38,12 +39,10 @@ from tinygemma.train import (
     Sampler,
     Stop,
     TrainConfig,
-    autocast_dtype,
     forward_backward,
     load_recipe,
     load_torch,
     lr_at,
-    make_optimizer,
     parse_sets,
     peak_flops,
     peak_memory_mb,
@@ -63,7 +62,8 @@ class TrainState:
     tokens: int = 0
     best_val_loss: float | None = None
     best_step: int | None = None
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # non-finite loss or gradient, skipped by nonfinite=skip
+    overflow_steps: int = 0  # fp16 gradient overflows: the loss scaler skipped the step and lowered the scale
     elapsed_s: float = 0.0  # wall time of the run, evaluations and checkpoints included
     train_time_s: float = 0.0  # time in training steps only
     total_steps: int | None = None  # the schedule's length (a time budget re-estimates it as it goes)
@@ -91,9 +91,10 @@ class Clock:
 class StepResult:
     loss: float
     grad_norm: float
-    lr: float
+    lr: float  # the AdamW groups' (Muon's follows the same schedule from its own peak)
     seconds: float
-    finite: bool
+    loss_ok: bool  # the loss is finite (an fp16 overflow step keeps its loss)
+    finite: bool  # loss and gradient norm are finite
     stop: bool  # a rank was asked to stop (SIGINT/SIGTERM)
 
 
@@ -115,6 +116,7 @@ class Trainer:
         self._locked = False
         try:
             self.out = Path(overrides.get("out", TrainConfig.out))
+            self.saved_scaler: dict | None = None  # the loss scaler's state in the resumed checkpoint
             self.ckpt = self._find_checkpoint(resume)
             self.cfg, self.recipe, self.state = self._resolve(overrides, recipe)
             self.setup(resume, force)
@@ -154,6 +156,7 @@ class Trainer:
         if changed:
             raise UserError(f"cannot change {', '.join(changed)} when resuming {self.ckpt}")
         state = TrainState.from_checkpoint(saved_state, str(self.ckpt / run.TRAINER_STATE))
+        self.saved_scaler = saved_state.get("scaler")
         return resolve_config(base, overrides), saved.get("recipe"), state
 
     def setup(self, resume: str | None, force: bool) -> None:
@@ -243,7 +246,8 @@ class Trainer:
         else:
             self.model = Gemma3(self.model_cfg)
         self.model.to(device)
-        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.optimizer = build_optimizer(self.model, cfg, device)
+        self.precision = Precision(cfg.precision, device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -253,8 +257,6 @@ class Trainer:
         if self.world > 1:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.eval_model, device_ids=[self.local_rank] if device.type == "cuda" else None)
-        amp = autocast_dtype(cfg, device)
-        self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
         self.tokens_per_step = cfg.block_size * cfg.micro_batch * cfg.grad_accum * self.world
         self.flops_per_token = self.model_cfg.flops_per_token(cfg.block_size)
         peak = peak_flops(cfg, device)
@@ -289,6 +291,7 @@ class Trainer:
             self.optimizer.load_state_dict(load_torch(self.ckpt / "optimizer.pt", self.device))
         except (ValueError, KeyError) as e:
             raise UserError(f"{self.ckpt / 'optimizer.pt'}: does not fit this model ({e})") from None
+        self.precision.load_state_dict(self.saved_scaler)
         set_rng_states(load_torch(self.ckpt / "rng_state.pt", torch.device("cpu")))
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -347,20 +350,22 @@ class Trainer:
         """One optimizer step: batches of this step, forward/backward, the ranks' vote on stopping, the update."""
         cfg, step, device = self.cfg, self.state.step, self.device
         t0 = time.perf_counter()
-        lr = lr_at(cfg, step, self.total_steps())
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        factor = lr_factor(cfg, step, self.total_steps())
+        set_lr(self.optimizer, factor)
         batches = [self.to_device(b) for b in self.sampler.step_batches(step)]
-        mean_loss, grad_norm = forward_backward(self.step_model, self.model, batches, self.autocast, cfg.grad_clip)
+        with explain_oom(cfg.micro_batch, cfg.block_size, cfg.grad_accum, self.last_good):
+            mean_loss = forward_backward(self.step_model, batches, self.precision)
+            grad_norm, stepped = self.precision.clip_and_step(self.optimizer, self.model.parameters(), cfg.grad_clip)
         shared = torch.stack([mean_loss, torch.tensor(float(stop_requested), device=device)])
         if self.world > 1:
             dist.all_reduce(shared)
             shared[0] /= self.world
         (loss, stop_votes), norm = shared.tolist(), grad_norm.item()  # one host sync for both
         finite = math.isfinite(loss) and math.isfinite(norm)
-        if finite:
-            self.optimizer.step()
-        else:
+        overflow = self.precision.scaler is not None and not stepped and math.isfinite(loss)
+        if overflow:
+            self._overflow(step)
+        elif not (stepped and finite):
             self._nonfinite(step, loss, norm)
         self.optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -369,7 +374,14 @@ class Trainer:
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
         self.state.train_time_s += dt
-        return StepResult(loss, norm, lr, dt, finite, stop_votes > 0)
+        return StepResult(loss, norm, cfg.lr * factor, dt, finite or overflow, finite, stop_votes > 0)
+
+    def _overflow(self, step: int) -> None:
+        """fp16 loss scaling at work: the scaler skipped this step and lowered the scale (not a failure)."""
+        self.state.overflow_steps += 1
+        if self.master:
+            print(f"step {step + 1}: fp16 gradient overflow; step skipped, loss scale now "
+                  f"{self.precision.scaler.get_scale():g}", file=sys.stderr)
 
     def _nonfinite(self, step: int, loss: float, norm: float) -> None:
         if self.cfg.nonfinite == "stop":
@@ -411,7 +423,7 @@ class Trainer:
             return None
         tps = clock.window_tokens / clock.window_s
         clock.window_tokens, clock.window_s = 0, 0.0
-        return {"step": step, "tokens": self.state.tokens, "train_loss": result.loss if result.finite else None,
+        return {"step": step, "tokens": self.state.tokens, "train_loss": result.loss if result.loss_ok else None,
                 "lr": result.lr, "grad_norm": result.grad_norm if result.finite else None, "tokens_per_s": tps,
                 "mfu": tps * self.flops_per_token / self.peak_total if self.peak_total else None,
                 "peak_mem_mb": peak_memory_mb(self.device)}
@@ -430,7 +442,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
         for x, y in batches:
-            with self.autocast():
+            with self.precision.autocast():
                 _, loss = self.eval_model(x, y, return_logits=False)
             total += torch.stack([loss.double(), torch.ones((), device=self.device, dtype=torch.float64)])
         if self.world > 1:
@@ -486,7 +498,8 @@ class Trainer:
         trainer_state = {**asdict(state),
                          "schedule": {"lr": lr_at(cfg, state.step, self.total_steps()),
                                       "total_steps": self.total_steps(), "tokens_per_step": self.tokens_per_step},
-                         "sampler": {**self.sampler.state(), "next_step": state.step}}
+                         "sampler": {**self.sampler.state(), "next_step": state.step},
+                         "scaler": self.precision.state_dict()}
         return write_checkpoint(self.out / name, self.model, self.optimizer, trainer_state, self.run_config, card)
 
     def _say_done(self, signalled: bool) -> None:
@@ -525,7 +538,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="pre-train a model on prepared data",
                               description="Pre-train a Gemma 3 preset; flags override the recipe, --set KEY=VALUE "
                                           "sets any TrainConfig field.")
-    p.add_argument("--recipe", default=None, help="default | tutorial | a JSON file (default: default)")
+    p.add_argument("--recipe", default=None, help="default (= muon) | muon | adamw | tutorial | a JSON file "
+                                                  "(default: default)")
     _common_args(p)
     p.set_defaults(func=_main)
     p = subparsers.add_parser("finetune", help="fine-tune a checkpoint on instruct records (masked loss)",
