@@ -1,4 +1,5 @@
-# `make demo` runs the main job on the CPU; `make test` runs the tests. Both set up .venv.
+# `make demo` runs the main job on the CPU; `make test` runs the tests; `make notebook` re-executes
+# notebooks/inference.ipynb against the demo's run. All set up .venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED := $(abspath ../shared/data)
@@ -11,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/tinystories),)
 export TINYSTORIES_DIR ?= $(SHARED)/tinystories
 endif
 
-.PHONY: setup browser test lint demo clean
+.PHONY: setup browser test lint demo notebook clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +39,11 @@ test: setup browser lint
 
 demo: setup
 	bash scripts/demo.sh
+
+# Saves the notebook with the outputs of runs/demo (the paths in them relative to notebooks/).
+notebook: setup
+	@test -d runs/demo || { echo "make notebook: no runs/demo; run make demo first"; exit 2; }
+	$(PY) scripts/notebook.py notebooks/inference.ipynb
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

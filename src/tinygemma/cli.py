@@ -22,7 +22,7 @@ STAGES: tuple[str, ...] = (
 
 
 def _info(args: argparse.Namespace) -> int:
-    from tinygemma.model import load_model_config
+    from tinygemma.model import load_model_config, param_table
 
     cfg = load_model_config(args.target or args.model)
     sizes = cfg.param_breakdown()
@@ -32,14 +32,7 @@ def _info(args: argparse.Namespace) -> int:
                           "train_flops_per_token": flops}, indent=2))
         return 0
     print(json.dumps(asdict(cfg), indent=2))
-    print("\nparameters")
-    rows = [("embedding", sizes["embedding"]), (f"per block (x{cfg.num_layers})", sizes["per_block"]),
-            ("blocks", sizes["blocks"]), ("final norm", sizes["final_norm"])]
-    if sizes["lm_head"]:
-        rows.append(("lm head (untied)", sizes["lm_head"]))
-    rows.append(("total", sizes["total"]))
-    for name, n in rows:
-        print(f"  {name:<22}{n:>15,}")
+    print("\nparameters\n" + param_table(cfg))
     print(f"\ntraining FLOPs per token at seq_len {args.seq_len}: {flops:,} ({flops / 1e9:.3f} GFLOP)")
     return 0
 

@@ -105,17 +105,25 @@ def evaluate_tokens(model: Gemma3, tokens: np.ndarray, block_size: int | None = 
             "block_size": block_size, "tokens_per_s": n / elapsed, "elapsed_s": elapsed}
 
 
-def _eval(args: argparse.Namespace) -> int:
-    cfg = from_dict(EvalConfig, dataclass_overrides(args, EvalConfig), "eval")
+def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: EvalConfig, device: str = "cpu",
+                        progress: bool = False) -> dict:
+    """:func:`evaluate_tokens` of a checkpoint or run folder over a split of ``cfg.data``, by default in
+    windows of the block size the checkpoint was trained with."""
     if cfg.data is None:
         raise UserError("--data is required (a folder made by `tinygemma prepare`)")
-    folder = resolve_checkpoint(args.checkpoint)
-    model = load_checkpoint(folder, device=args.device)
-    if cfg.block_size is None and (folder / "run_config.json").is_file():  # score as the run was trained
-        cfg.block_size = json.loads((folder / "run_config.json").read_text())["train"]["block_size"]
+    folder = resolve_checkpoint(checkpoint)
+    model = load_checkpoint(folder, device=device)
+    block_size = cfg.block_size
+    if block_size is None and (folder / "run_config.json").is_file():  # score as the run was trained
+        block_size = json.loads((folder / "run_config.json").read_text())["train"]["block_size"]
     ds = TokenDataset(cfg.data, cfg.split, vocab_size=model.config.vocab_size)
-    res = evaluate_tokens(model, ds.tokens, cfg.block_size, cfg.batch_size, progress=not args.json)
-    res = {"checkpoint": str(args.checkpoint), "data": cfg.data, "split": cfg.split, **res}
+    res = evaluate_tokens(model, ds.tokens, block_size, cfg.batch_size, progress=progress)
+    return {"checkpoint": str(checkpoint), "data": str(cfg.data), "split": cfg.split, **res}
+
+
+def _eval(args: argparse.Namespace) -> int:
+    cfg = from_dict(EvalConfig, dataclass_overrides(args, EvalConfig), "eval")
+    res = evaluate_checkpoint(args.checkpoint, cfg, device=args.device, progress=not args.json)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
