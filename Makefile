@@ -1,5 +1,5 @@
-# `make demo` runs the main job on the CPU; `make test` runs the tests; `make test-gguf` the llama.cpp checks.
-# All set up .venv.
+# `make demo` runs the main job on the CPU; `make test` runs the tests; `make test-gguf` the llama.cpp checks;
+# `make notebook` re-executes notebooks/inference.ipynb against the demo's run. All set up .venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED := $(abspath ../shared/data)
@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/tinystories),)
 export TINYSTORIES_DIR ?= $(SHARED)/tinystories
 endif
 
-.PHONY: setup browser test test-gguf lint demo clean
+.PHONY: setup browser test test-gguf lint demo notebook clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,11 @@ test-gguf: setup
 
 demo: setup
 	bash scripts/demo.sh
+
+# Saves the notebook with the outputs of runs/demo (the paths in them relative to notebooks/).
+notebook: setup
+	@test -d runs/demo || { echo "make notebook: no runs/demo; run make demo first"; exit 2; }
+	$(PY) scripts/notebook.py notebooks/inference.ipynb
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -14,6 +14,8 @@ from tinygemma.generate import (
     load_checkpoint,
     next_token_probs,
     stream,
+    stream_text,
+    top_next_tokens,
 )
 from tinygemma.model import PRESETS, Gemma3, ModelConfig
 
@@ -197,6 +199,26 @@ def test_text_stream_handles_split_characters(tokenizer):
     pieces = [s.push(t) for t in ids] + [s.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_stream_text_pieces_make_the_sampled_story(model, tokenizer):
+    cfg = SamplingConfig(max_new_tokens=30, seed=3)
+    pieces = list(stream_text(model, tokenizer, "Tom had a dog", cfg))
+    assert len(pieces) > 1 and "".join(pieces) == generate_text(model, tokenizer, ["Tom had a dog"], cfg)[0]
+    with pytest.raises(UserError, match="one story at a time"):
+        next(stream_text(model, tokenizer, "Tom", SamplingConfig(num_samples=2)))
+
+
+def test_top_next_tokens_are_the_softmax_of_the_last_logits(model, tokenizer):
+    ids = [tokenizer.eot_id] + tokenizer.encode("Once upon a time")
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([ids]))[0, -1].double(), -1)
+    expected, order = probs.topk(5)
+    top = top_next_tokens(model, tokenizer, "Once upon a time", k=5)
+    assert [text for text, _ in top] == [tokenizer.decode([t]) for t in order.tolist()]
+    assert [p for _, p in top] == pytest.approx(expected.tolist(), rel=1e-4)
+    cut = top_next_tokens(model, tokenizer, "Once upon a time", k=5, temperature=0.5, top_k=2)
+    assert cut[0][1] + cut[1][1] == pytest.approx(1.0) and cut[2][1] == 0.0
 
 
 def test_load_checkpoint_accepts_run_folder(ckpt, tmp_path):

@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _info(args: argparse.Namespace) -> int:
-    from tinygemma.model import load_model_config
+    from tinygemma.model import load_model_config, param_table
 
     if args.seq_len < 1:
         raise UserError(f"--seq-len must be >= 1, got {args.seq_len}")
@@ -45,14 +45,7 @@ def _info(args: argparse.Namespace) -> int:
                           "train_flops_per_token": flops}, indent=2))
         return 0
     print(json.dumps(asdict(cfg), indent=2))
-    print("\nparameters")
-    rows = [("embedding", sizes["embedding"]), (f"per block (x{cfg.num_layers})", sizes["per_block"]),
-            ("blocks", sizes["blocks"]), ("final norm", sizes["final_norm"])]
-    if sizes["lm_head"]:
-        rows.append(("lm head (untied)", sizes["lm_head"]))
-    rows.append(("total", sizes["total"]))
-    for name, n in rows:
-        print(f"  {name:<22}{n:>15,}")
+    print("\nparameters\n" + param_table(cfg))
     print(f"\ntraining FLOPs per token at seq_len {args.seq_len}: {flops:,} ({flops / 1e9:.3f} GFLOP)")
     return 0
 

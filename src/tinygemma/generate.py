@@ -329,6 +329,33 @@ class TextStream:
         return self._decoder.decode(b"", final=True)
 
 
+def stream_text(model: Gemma3, tokenizer: Tokenizer, prompt: str, cfg: SamplingConfig | None = None
+                ) -> Iterator[str]:
+    """The completion of one prompt as text pieces, as its tokens arrive (for printing live)."""
+    cfg = cfg or SamplingConfig()
+    if cfg.num_samples != 1:
+        raise UserError(f"stream_text tells one story at a time (num_samples=1), got {cfg.num_samples}")
+    text = TextStream(tokenizer)
+    for (tok,) in stream(model, encode_prompts(tokenizer, [prompt]), cfg):
+        if tok is not None and tok != tokenizer.eot_id:
+            yield text.push(tok)
+    yield text.flush()
+
+
+@torch.inference_mode()
+def top_next_tokens(model: Gemma3, tokenizer: Tokenizer, prompt: str, k: int = 10, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0) -> list[tuple[str, float]]:
+    """The ``k`` most likely next tokens after ``prompt`` and their probabilities under the given sampling
+    settings (by default the model's own distribution), most likely first."""
+    if temperature <= 0:
+        raise UserError(f"temperature must be positive, got {temperature}")
+    ids = torch.tensor(encode_prompts(tokenizer, [prompt]), device=model.lm_head.weight.device)
+    logits = model(ids[:, -model.config.context_length:], logits_to_keep=1)[:, -1]
+    probs = next_token_probs(logits, temperature, top_k, top_p)[0]
+    values, tokens = torch.topk(probs, k)
+    return [(tokenizer.decode([t]), p) for t, p in zip(tokens.tolist(), values.tolist(), strict=True)]
+
+
 # -- CLI -----------------------------------------------------------------------------------------
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -157,6 +157,17 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def param_table(cfg: ModelConfig) -> str:
+    """The parameter counts of a model, one row per part (what `tinygemma info` prints)."""
+    sizes = cfg.param_breakdown()
+    rows = [("embedding", sizes["embedding"]), (f"per block (x{cfg.num_layers})", sizes["per_block"]),
+            ("blocks", sizes["blocks"]), ("final norm", sizes["final_norm"])]
+    if sizes["lm_head"]:
+        rows.append(("lm head (untied)", sizes["lm_head"]))
+    rows.append(("total", sizes["total"]))
+    return "\n".join(f"  {name:<22}{n:>15,}" for name, n in rows)
+
+
 def load_model_config(name_or_path: str) -> ModelConfig:
     """A preset name, a tinygemma ModelConfig JSON, or a transformers config.json / model folder."""
     if name_or_path in PRESETS:

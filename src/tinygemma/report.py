@@ -172,10 +172,7 @@ def _maybe(run: Path, name: str, key: dict, compute, cfg: ReportConfig, info: di
 def write_overlay_plots(runs: list[dict], out: Path) -> list[str]:
     """``loss.png`` (validation and train loss vs tokens) and ``lr_grad_norm.png`` (vs step), one colour per
     run; the file names written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from tinygemma.plots import save_png, series
 
@@ -183,7 +180,8 @@ def write_overlay_plots(runs: list[dict], out: Path) -> list[str]:
     if not with_metrics:
         return []
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig = Figure(figsize=(7.5, 4.2), layout="tight")
+    ax = fig.subplots()
     for i, r in enumerate(with_metrics):
         colour = f"C{i % 10}"
         ax.plot(*series(r["metrics"], "train_loss", "tokens"), "-", color=colour, alpha=0.3)
@@ -193,7 +191,8 @@ def write_overlay_plots(runs: list[dict], out: Path) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend()
     save_png(fig, out / "loss.png")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6), layout="tight")
+    axes = fig.subplots(1, 2)
     for key, ax, title in (("lr", axes[0], "learning rate"), ("grad_norm", axes[1], "gradient norm")):
         for i, r in enumerate(with_metrics):
             ax.plot(*series(r["metrics"], key, "step"), color=f"C{i % 10}", label=r["name"])
