@@ -20,7 +20,7 @@ $TINYGEMMA prepare --source "$SOURCE" --out "$DATA" ${DEMO_MAX_STORIES:+--max-st
 
 step "2/5 train: tiny preset, $TOKENS tokens (seed 1337) on the CPU -> $OUT"
 t0=$SECONDS
-$TINYGEMMA train --data "$DATA" --out "$OUT" --force --model tiny --device cpu --block-size 128 \
+$TINYGEMMA train --data "$DATA" --out "$OUT" --force --recipe adamw --model tiny --device cpu --block-size 128 \
   --micro-batch 16 --grad-accum 1 --lr 3e-3 --warmup-steps 20 --max-tokens "$TOKENS" --seed 1337 \
   --eval-interval 25 --eval-batches 8 --log-interval 5 --samples
 printf 'training took %d s\n' $((SECONDS - t0))
