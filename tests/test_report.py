@@ -60,7 +60,7 @@ def test_report_over_two_runs(two_runs, eval_data, tmp_path, browser, capsys, mo
     expected = evaluate_checkpoint(first, EvalConfig(data=str(eval_data), context_stories=10))
     for text in (f"{expected['loss']:,.4f}", f"{expected['bits_per_byte']:,.4f}",
                  f"{expected['context_use']['gap']:,.4f}", "lr1e-2", "lr3e-3", "follows\\_instruction", "0.250",
-                 "6.50 [5.25, 7.75]", "fake-judge", "loss.png", "lr\\_grad\\_norm.png", "Flesch-Kincaid grade"):
+                 "6.50 \\[5.25, 7.75\\]", "fake-judge", "(loss.png)", "(lr_grad_norm.png)", "Flesch-Kincaid grade"):
         assert text in md, text
     assert "note" not in md  # only numbers from instruct_eval.json
     assert md.count("**lr1e-2**") == 5 == md.count("**lr3e-3**")  # the five prompts side by side
