@@ -659,7 +659,7 @@ def _measure_rows(result: dict) -> list[tuple[str, dict]]:
 
 def markdown_section(result: dict) -> str:
     """The samples report's section on instruction following (see :func:`evaluate_instructions`)."""
-    from tinygemma.evaluate import _md
+    from tinygemma.evaluate import md_escape as _md
 
     lines = ["## Instructions", "", f"A story for each of the first {result['records']} held-out records of "
              f"{_md(result['data'])}; {_md(result['matching'])}.", "",
