@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from ftfy.badness import badness
 from tqdm import tqdm
 
-from tinygemma.config import UserError, add_dataclass_args, atomic_write_text, dataclass_overrides, from_dict
+from tinygemma.config import (
+    UserError,
+    add_dataclass_args,
+    atomic_write_text,
+    check_output_file,
+    dataclass_overrides,
+    from_dict,
+)
 from tinygemma.data import TokenDataset
 from tinygemma.generate import (
     TUTORIAL_PROMPTS,
@@ -40,6 +47,7 @@ from tinygemma.generate import (
     encode_prompts,
     generate_rows,
     load_checkpoint,
+    parse_device,
     sampling_config_from_args,
     unwrap,
 )
@@ -110,7 +118,7 @@ def _eval(args: argparse.Namespace) -> int:
     if cfg.data is None:
         raise UserError("--data is required (a folder made by `tinygemma prepare`)")
     folder = resolve_checkpoint(args.checkpoint)
-    model = load_checkpoint(folder, device=args.device)
+    model = load_checkpoint(folder, device=parse_device(args.device))
     run_config = read_run_config(folder)
     if cfg.block_size is None and run_config is not None:  # score as the run was trained
         cfg.block_size = run_config["train"]["block_size"]
@@ -287,9 +295,10 @@ def _samples(args: argparse.Namespace) -> int:
     cfg = sampling_config_from_args(args)
     if cfg.seed is None:
         cfg.seed = REPORT_SEED
+    out = check_output_file(args.out, "--out")
+    check_output_file(out.with_suffix(".html"), "--out")
     prompts = TUTORIAL_PROMPTS + (read_prompts(args.prompts) if args.prompts else [])
-    model = load_checkpoint(args.checkpoint, device=args.device)
-    out = Path(args.out)
+    model = load_checkpoint(args.checkpoint, device=parse_device(args.device))
     report = write_samples_report(model, Tokenizer(), out, prompts, cfg, title=f"Samples from {args.checkpoint}")
     if args.json:
         print(json.dumps(report, indent=2))
