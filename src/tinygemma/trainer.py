@@ -119,6 +119,9 @@ class Trainer:
             self.setup(resume, force)
             if self.ckpt is not None:
                 self.resume()
+            if self.master:  # only now: a refused resume leaves the run folder as it was
+                run.write_run_config(self.out, self.run_config)
+                print("resolved config:\n" + json.dumps(self.run_config, indent=2), flush=True)
         except BaseException:
             self.close()
             raise
@@ -200,7 +203,7 @@ class Trainer:
                   file=sys.stderr)
 
     def _claim_out(self, resume: str | None, force: bool) -> None:
-        """Refuse to mix two runs in one folder (or, with --force, clear the old one); lock it; write the config."""
+        """Refuse to mix two runs in one folder (or, with --force, clear the old one); lock it."""
         out = self.out
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: exists and is not a folder")
@@ -214,8 +217,6 @@ class Trainer:
             self._lock()
         if self.ckpt is None:
             self._check_new_run(resume, force)
-        run.write_run_config(out, self.run_config)
-        print("resolved config:\n" + json.dumps(self.run_config, indent=2), flush=True)
 
     def _check_new_run(self, resume: str | None, force: bool) -> None:
         out = self.out
