@@ -407,7 +407,7 @@ def _hub_inputs(source: str, cfg: PrepareConfig, local: bool) -> list[_Input]:
         dsd = datasets.load_dataset(source, streaming=streaming)
     except Exception as e:  # offline, unknown repo, bad files: datasets raises many types
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        hint = "" if local else "; offline, download it or pass --source FOLDER"
+        hint = "" if local else f"; and no local folder ./{source} exists (offline? pass --source FOLDER)"
         raise UserError(f"{source}: cannot load the dataset ({msg}){hint}") from None
     splits = {ours: hf for ours, hf in HUB_SPLITS.items() if hf in dsd}
     if "train" not in splits:
@@ -459,7 +459,8 @@ def _hub_txt_inputs(cfg: PrepareConfig, files: dict[str, str] = TXT_FILES_V2) ->
         try:
             path = Path(hf.hf_hub_download(cfg.source, filename, repo_type="dataset"))
         except Exception as e:
-            raise UserError(f"{name}: cannot download ({type(e).__name__}); offline, pass --source FOLDER") from None
+            raise UserError(f"{name}: cannot download ({type(e).__name__}); and no local folder ./{cfg.source} "
+                            "exists (offline? pass --source FOLDER)") from None
         inputs.append(_file_input(path, split))
     return inputs
 
@@ -601,12 +602,17 @@ def _check_out(out: Path, cfg: PrepareConfig, tok: Tokenizer, fingerprint: dict)
 
 
 def _num_workers(n: int) -> int:
-    if n:
-        return n
+    """``--workers``, 0 meaning every core; far more than the cores (each a process holding the tokenizer)
+    gains nothing and may exhaust memory, so it is capped at 4 per core, with a warning."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    if n > 4 * cores:
+        print(f"tinygemma prepare: warning: --workers {n} is far above the {cores} cores; using {4 * cores}",
+              file=sys.stderr)
+        return 4 * cores
+    return n or cores
 
 
 @dataclass(frozen=True)
@@ -645,8 +651,8 @@ def prepare(cfg: PrepareConfig, command: str | None = None, layout: Layout = PLA
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot create the output folder ({e.strerror})") from None
-    for stale in out.glob("*.tmp"):  # left by a killed run
-        stale.unlink()
+    for name in (*SPLITS.values(), "meta.json"):  # our own temp files, left by a killed run (only ours)
+        (out / f"{name}.tmp").unlink(missing_ok=True)
     workers = _num_workers(cfg.workers)
     try:
         writers = {split: layout.writer(out / name) for split, name in SPLITS.items()}

@@ -42,7 +42,14 @@ from spellchecker import SpellChecker
 from tqdm import tqdm
 
 from tinygemma import instruct
-from tinygemma.config import UserError, add_dataclass_args, atomic_write_text, dataclass_overrides, from_dict
+from tinygemma.config import (
+    UserError,
+    add_dataclass_args,
+    atomic_write_text,
+    check_output_file,
+    dataclass_overrides,
+    from_dict,
+)
 from tinygemma.data import TokenDataset
 from tinygemma.generate import (
     TUTORIAL_PROMPTS,
@@ -52,6 +59,7 @@ from tinygemma.generate import (
     encode_prompts,
     generate_rows,
     load_checkpoint,
+    parse_device,
     sampling_config_from_args,
     unwrap,
 )
@@ -212,7 +220,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.instruct is not None:
         return _eval_instruct(args)
     cfg = from_dict(EvalConfig, dataclass_overrides(args, EvalConfig), "eval")
-    res = evaluate_checkpoint(args.checkpoint, cfg, args.device, progress=not args.json)
+    res = evaluate_checkpoint(args.checkpoint, cfg, parse_device(args.device), progress=not args.json)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -443,9 +451,10 @@ def _samples(args: argparse.Namespace) -> int:
     cfg = sampling_config_from_args(args)
     if cfg.seed is None:
         cfg.seed = REPORT_SEED
+    out = check_output_file(args.out, "--out")
+    check_output_file(out.with_suffix(".html"), "--out")
     prompts = TUTORIAL_PROMPTS + (read_prompts(args.prompts) if args.prompts else [])
-    model = load_checkpoint(args.checkpoint, device=args.device)
-    out = Path(args.out)
+    model = load_checkpoint(args.checkpoint, device=parse_device(args.device))
     instructions = instruct.evaluate_from_args(model, args) if args.instruct is not None else None
     report = write_samples_report(model, Tokenizer(), out, prompts, cfg, title=f"Samples from {args.checkpoint}",
                                   instructions=instructions)

@@ -32,6 +32,7 @@ from tinygemma.config import (
     add_dataclass_args,
     atomic_write_text,
     dataclass_overrides,
+    follow_umask,
     from_dict,
     load_json,
 )
@@ -302,9 +303,13 @@ def export(cfg: ExportConfig) -> Path:
     dtype = DTYPES[cfg.dtype] if cfg.dtype else getattr(torch, str(stored), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise UserError(f"{src / 'config.json'}: unknown dtype {stored!r}; pass --dtype")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"{out}: cannot write there ({e.strerror})") from None
+    try:
+        follow_umask(tmp, folder=True)  # mkdtemp makes it 0700
         model.to(dtype).save_pretrained(tmp)
         has_card = (src / "README.md").is_file()
         if has_card:  # the card written during training knows the run (data seen, losses, samples)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import os
 import sys
 import time
 import weakref
@@ -27,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict
-from tinygemma.model import FULL, SLIDING, Gemma3
+from tinygemma.model import FULL, SLIDING, Gemma3, ModelConfig
 from tinygemma.run import resolve_checkpoint
 from tinygemma.tokenizer import Tokenizer
 
@@ -370,6 +371,48 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda if available)")
 
 
+def parse_device(name: str | torch.device) -> torch.device:
+    """``--device`` of every command: a torch device that exists here, or a one-line UserError."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {name}: unknown device (try cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes ``device`` can hold at most: free GPU memory, or the machine's physical memory for a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: nothing to compare with
+        return None
+
+
+def check_memory(need: int, device: torch.device, what: str, flag: str) -> None:
+    """Refuse a job whose (lower-bound) estimate ``need`` cannot fit at all, before anything is allocated."""
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise UserError(f"{what} needs at least ~{need / 2**30:,.1f} GiB, but the {device.type} has "
+                        f"{have / 2**30:,.1f} GiB; lower {flag}")
+
+
+def generation_bytes(mc: ModelConfig, rows: int, total: int, dtype: torch.dtype) -> int:
+    """What :func:`stream` allocates beyond the weights: every layer's key/value buffers (sliding layers hold
+    at most a window) for ``rows`` rows of ``total`` columns, and a float32 row of logits per row."""
+    size = torch.finfo(dtype).bits // 8
+    cache = sum(min(mc.sliding_window, total) if t == SLIDING else total for t in mc.layer_types)
+    return 2 * rows * mc.num_kv_heads * mc.head_dim * cache * size + 4 * rows * mc.vocab_size
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype names (generate, serve, export)
 
 
@@ -397,7 +440,8 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = args.prompt if args.prompt else [""]
     if (instructions := prompt_from_args(args)) is not None:  # TinyStories-Instruct header; --prompt opens the story
         prompts = [instructions + p for p in prompts]
-    model = load_checkpoint(args.checkpoint, device=args.device, dtype=inference_dtype(args.dtype, args.device))
+    device = parse_device(args.device)
+    model = load_checkpoint(args.checkpoint, device=device, dtype=inference_dtype(args.dtype, device))
     tok = Tokenizer()
     prompt_ids = encode_prompts(tok, prompts)
     keep = prompt_room(model.config.context_length, cfg.max_new_tokens)
@@ -405,6 +449,9 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"tinygemma generate: warning: prompt longer than {keep} tokens "
               f"(context {model.config.context_length} - max_new_tokens); keeping its last {keep}", file=sys.stderr)
     rows = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]
+    columns = min(max(map(len, prompt_ids)) + 1 + cfg.max_new_tokens, model.config.context_length)
+    need = generation_bytes(model.config, len(rows), columns, model.lm_head.weight.dtype)
+    check_memory(need, device, f"generating {len(rows)} rows", "--num-samples or --max-new-tokens")
     live = not args.no_stream and not args.json and len(rows) == 1
     printer = _RowPrinter(tok, prompts, rows, live)
     if live:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tinygemma.config import UserError, atomic_write, atomic_write_text, from_dict, load_json
+from tinygemma.config import UserError, atomic_write, atomic_write_text, follow_umask, from_dict, load_json
 from tinygemma.fused import LinearCrossEntropy, RMSNormFunction, rms_norm
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -355,6 +355,7 @@ class Gemma3(nn.Module):
             state.pop("lm_head.weight")
         dtype = next(self.parameters()).dtype
         atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+        follow_umask(directory / "model.safetensors")  # safetensors creates its file 0600
         atomic_write_text(directory / "config.json", json.dumps(self.config.to_hf(dtype), indent=2) + "\n")
         return directory
 
@@ -382,6 +383,9 @@ class Gemma3(nn.Module):
             if tensor.shape != expected[key].shape:
                 raise UserError(f"{weights}: {key} has shape {tuple(tensor.shape)}, "
                                 f"config.json implies {tuple(expected[key].shape)}")
+        if bad := [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
+            raise UserError(f"{weights}: the checkpoint holds non-finite weights (NaN or inf in {bad[0]}"
+                            f"{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}); use an earlier one")
         model.load_state_dict(state, strict=False)  # strict=False only for the tied lm_head
         return model.to(device=device, dtype=dtype)
 

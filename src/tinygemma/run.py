@@ -188,9 +188,9 @@ def read_run_config(folder: Path) -> dict[str, Any] | None:
         return None
     data = load_json(path)
     train = data.get("train") if isinstance(data, dict) else None
-    if not isinstance(train, dict) or not isinstance(train.get("block_size"), int) \
-            or not isinstance(data.get("model"), dict):
-        raise UserError(f"{path}: not a tinygemma run config (needs train.block_size and model)")
+    block = train.get("block_size") if isinstance(train, dict) else None
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1 or not isinstance(data.get("model"), dict):
+        raise UserError(f"{path}: not a tinygemma run config (needs a positive train.block_size and model)")
     return data
 
 

@@ -43,6 +43,7 @@ from tinygemma.generate import (
     add_dtype_arg,
     inference_dtype,
     load_checkpoint,
+    parse_device,
     stream,
 )
 from tinygemma.instruct import FEATURES, build_prompt, split_list
@@ -56,6 +57,8 @@ log = logging.getLogger("tinygemma.serve")
 EXAMPLE_PROMPTS = TUTORIAL_PROMPTS  # one-click examples on the story page
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
 MAX_STOP_CHARS = 64
+MAX_BODY_BYTES = 1 << 20  # a request body (a completion request is a few KB)
+BODY_TIMEOUT_S = 10.0  # to receive a whole body: a client trickling one byte at a time holds no slot for long
 
 
 @dataclass
@@ -222,10 +225,14 @@ class Engine:
                 self.stats["completion_tokens"] += sum(row.tokens for row in rows)
                 self.active -= 1  # the slot taken by try_acquire
 
-    def shutdown(self) -> None:
+    def cancel_all(self) -> None:
+        """Stop every running generation at its next step (their streams end with finish_reason cancelled)."""
         with self._admit:
             for c in self._cancels:
                 c.set()
+
+    def shutdown(self) -> None:
+        self.cancel_all()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -413,6 +420,7 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
     # no /docs page: FastAPI's loads its scripts from a CDN (the schema is at /openapi.json)
     app = FastAPI(title="tinygemma studio", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
+    app.add_middleware(_BodyLimit)
     if is_loopback(cfg.host):
         # a web page elsewhere cannot reach a loopback server through a DNS name of its own (DNS rebinding)
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=["localhost", "127.0.0.1", "[::1]"])
@@ -569,6 +577,9 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
                     for row, text, finish in payload:
                         yield chunk([{"text": text, "index": row, "logprobs": None, "finish_reason": finish}])
                     continue
+                if kind == "done" and payload.cancelled:  # the server is shutting down: say the rows were cut
+                    yield chunk([{"text": "", "index": row, "logprobs": None, "finish_reason": "cancelled"}
+                                 for row, finish in enumerate(payload.finish) if finish is None])
                 if kind == "done" and include_usage:
                     yield chunk([], usage=usage(payload))
                 if kind == "error":
@@ -584,6 +595,43 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``MAX_BODY_BYTES`` gets HTTP 413, one not received within
+    ``BODY_TIMEOUT_S`` gets 408 (the app's error handler writes both)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.exceptions import HTTPException
+
+        size = dict(scope["headers"]).get(b"content-length", b"0")
+        received, complete = 0, False
+        deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
+
+        async def limited_receive():
+            nonlocal received, complete
+            if complete:  # the body is in: what follows is the wait for a disconnect
+                return await receive()
+            if size.isdigit() and int(size) > MAX_BODY_BYTES:
+                raise HTTPException(413, f"request body over {MAX_BODY_BYTES:,} bytes")
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(408, f"request body not received within {BODY_TIMEOUT_S:g} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+                if received > MAX_BODY_BYTES:
+                    raise HTTPException(413, f"request body over {MAX_BODY_BYTES:,} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 class _Invalid(Exception):
@@ -623,8 +671,15 @@ def bind(host: str, port: int) -> socket.socket:
 def _uvicorn_server(app, log_level: str):
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
-                                         access_log=log_level == "info"))
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # cut running generations first, so their streams can still send the final chunk and [DONE]
+            # before uvicorn's graceful wait runs out and cancels them mid-response
+            app.state.engine.cancel_all()
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
+                                 access_log=log_level == "info"))
 
 
 @contextlib.contextmanager
@@ -649,7 +704,8 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str 
 
 def _serve(args: argparse.Namespace) -> int:
     cfg = from_dict(ServeConfig, dataclass_overrides(args, ServeConfig), "serve")
-    app = create_app(args.checkpoint, cfg, device=args.device, dtype=inference_dtype(args.dtype, args.device))
+    device = parse_device(args.device)
+    app = create_app(args.checkpoint, cfg, device=device, dtype=inference_dtype(args.dtype, device))
     sock = bind(cfg.host, cfg.port)
     if not is_loopback(cfg.host):
         print(f"tinygemma serve: warning: listening on {cfg.host}, not loopback: anyone who can reach this "

@@ -30,8 +30,8 @@ from tinygemma import run
 from tinygemma.config import UserError, from_dict, load_json, parse_override
 from tinygemma.evaluate import write_samples_report
 from tinygemma.export import write_hf_files
-from tinygemma.generate import SamplingConfig
-from tinygemma.model import Gemma3
+from tinygemma.generate import SamplingConfig, default_device, parse_device
+from tinygemma.model import Gemma3, ModelConfig
 from tinygemma.optim import OPTIMIZERS, PRECISIONS, Optimizers, Precision, lr_factor
 from tinygemma.tokenizer import Tokenizer
 
@@ -259,12 +259,19 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int | None) -> float:
 
 # -- device, precision, optimizer -----------------------------------------------------------------------
 def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda asked for, but CUDA is not available")
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+    device = parse_device(default_device() if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    return device
+
+
+def training_bytes(mc: ModelConfig, cfg: TrainConfig) -> int:
+    """A lower bound of one process's training memory: 16 bytes per parameter (fp32 weights, gradients and
+    AdamW's two moments) plus, per token of a micro-batch, the float32 activations backward keeps in every
+    layer (at least the block's input, attention output, and the MLP's gate and up projections)."""
+    per_token = mc.num_layers * (2 * mc.hidden_size + 2 * mc.intermediate_size) * 4
+    return 16 * mc.param_breakdown()["total"] + cfg.micro_batch * cfg.block_size * per_token
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:

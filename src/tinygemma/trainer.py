@@ -28,6 +28,7 @@ import torch.distributed as dist
 from tinygemma import run
 from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict, to_dict
 from tinygemma.data import TokenDataset
+from tinygemma.generate import check_memory
 from tinygemma.instruct import InstructDataset
 from tinygemma.model import Gemma3, ModelConfig, load_model_config
 from tinygemma.optim import Precision, build_optimizer, explain_oom, lr_factor, set_lr
@@ -49,6 +50,7 @@ from tinygemma.train import (
     pick_device,
     resolve_config,
     set_rng_states,
+    training_bytes,
     write_checkpoint,
     write_samples,
 )
@@ -122,6 +124,9 @@ class Trainer:
             self.setup(resume, force)
             if self.ckpt is not None:
                 self.resume()
+            if self.master:  # only now: a refused resume leaves the run folder as it was
+                run.write_run_config(self.out, self.run_config)
+                print("resolved config:\n" + json.dumps(self.run_config, indent=2), flush=True)
         except BaseException:
             self.close()
             raise
@@ -168,8 +173,11 @@ class Trainer:
         if cfg.block_size > self.model_cfg.context_length:
             raise UserError(f"block_size {cfg.block_size} exceeds the model's context length "
                             f"{self.model_cfg.context_length}")
+        check_memory(training_bytes(self.model_cfg, cfg), self.device, f"training {cfg.model}",
+                     "--micro-batch (raise --grad-accum to keep the batch) or --block-size")
         self._setup_data()
         if self.master:
+            self._warn_new_data()
             self._claim_out(resume, force)
         self._setup_model()
         self._setup_logging()
@@ -197,8 +205,17 @@ class Trainer:
         self.val_batches = [self.to_device(b) for b in val_sampler.fixed_batches(1, cfg.eval_batches)]
         self.train_eval_batches = [self.to_device(b) for b in self.sampler.fixed_batches(2, cfg.eval_batches)]
 
+    def _warn_new_data(self) -> None:
+        """Resuming on other training tokens is allowed (e.g. more data) but never silent."""
+        saved = (run.read_run_config(self.ckpt) or {}).get("data_meta") if self.ckpt is not None else None
+        now = self.run_config["data_meta"].get("train")
+        if isinstance(saved, dict) and saved.get("train") not in (None, now):
+            print(f"warning: --data {self.cfg.data}: its train split (sha256 {now[:12]}) differs from the one "
+                  f"{self.ckpt} was trained on ({str(saved['train'])[:12]}); continuing on the new tokens",
+                  file=sys.stderr)
+
     def _claim_out(self, resume: str | None, force: bool) -> None:
-        """Refuse to mix two runs in one folder (or, with --force, clear the old one); lock it; write the config."""
+        """Refuse to mix two runs in one folder (or, with --force, clear the old one); lock it."""
         out = self.out
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: exists and is not a folder")
@@ -212,8 +229,6 @@ class Trainer:
             self._lock()
         if self.ckpt is None:
             self._check_new_run(resume, force)
-        run.write_run_config(out, self.run_config)
-        print("resolved config:\n" + json.dumps(self.run_config, indent=2), flush=True)
 
     def _check_new_run(self, resume: str | None, force: bool) -> None:
         out = self.out
@@ -287,10 +302,22 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue exactly where the checkpoint stopped: optimizer moments and every RNG."""
+        path = self.ckpt / "optimizer.pt"
+        saved = load_torch(path, self.device)  # an unreadable file: a one-line "unreadable or corrupt"
+        # one torch optimizer's state, or {name: state} of several (Muon + AdamW)
+        multi = isinstance(saved, dict) and "state" not in saved and len(self.optimizer.optimizers) > 1
+        parts = list(saved.values()) if multi else [saved]
+        for part in parts:
+            if not isinstance(part, dict) or not isinstance(part.get("state"), dict) \
+                    or not isinstance(part.get("param_groups"), list):
+                raise UserError(f"{path}: corrupt (loads, but is not an optimizer state)")
+            if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
+                   for moments in part["state"].values() if isinstance(moments, dict) for t in moments.values()):
+                raise UserError(f"{path}: corrupt (non-finite optimizer moments)")
         try:
-            self.optimizer.load_state_dict(load_torch(self.ckpt / "optimizer.pt", self.device))
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{self.ckpt / 'optimizer.pt'}: does not fit this model ({e})") from None
+            self.optimizer.load_state_dict(saved)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: a valid optimizer state that does not fit this model ({e})") from None
         self.precision.load_state_dict(self.saved_scaler)
         set_rng_states(load_torch(self.ckpt / "rng_state.pt", torch.device("cpu")))
 
