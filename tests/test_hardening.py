@@ -244,7 +244,9 @@ def test_optimizer_state_corrupt_vs_not_fitting(run_copy, data_dir, capsys):
     good = torch.load(path, weights_only=True)
     torch.save({"hello": 1}, path)
     assert "corrupt (loads, but is not an optimizer state)" in resume_error(capsys, run_copy, data_dir)
-    torch.save({**good, "param_groups": good["param_groups"] * 2}, path)
+    adamw = good.get("adamw", good)  # the default recipe (Muon) saves {optimizer name: state}
+    wrong = {**adamw, "param_groups": adamw["param_groups"] * 2}
+    torch.save({**good, "adamw": wrong} if "adamw" in good else wrong, path)
     assert "a valid optimizer state that does not fit this model" in resume_error(capsys, run_copy, data_dir)
     path.write_bytes(b"not a zip")
     assert "unreadable or corrupt" in resume_error(capsys, run_copy, data_dir)
