@@ -20,7 +20,7 @@ def eval_data(sample_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_runs(short_run, data_dir, tmp_path_factory):
+def two_runs(short_run, data_dir, sample_dir, tmp_path_factory):
     """The shared 20-step run (copied: the report writes its cache into run folders) and a 12-step run with
     another seed and learning rate, plus optional files: instruct rates and a judge summary."""
     root = tmp_path_factory.mktemp("runs")
@@ -30,8 +30,13 @@ def two_runs(short_run, data_dir, tmp_path_factory):
     assert main(["train", "--data", str(data_dir), "--out", str(second), "--model", "tiny", "--block-size", "32",
                  "--micro-batch", "8", "--grad-accum", "1", "--lr", "3e-3", "--seed", "7", "--eval-batches", "2",
                  "--log-interval", "1", "--no-progress", "--max-steps", "12", "--eval-interval", "6"]) == 0
-    (second / "instruct_eval.json").write_text(json.dumps({"follows_instruction": 0.25, "uses_word": 0.5,
-                                                            "note": "text is not shown"}))
+    # instruct rates as `eval --instruct` writes them (second), and a file of another format (first)
+    derived = root / "derived"
+    assert main(["prepare", "--derive-instructions", "--source", str(sample_dir), "--out", str(derived),
+                 "--max-stories", "20"]) == 0
+    assert main(["eval", str(second), "--instruct", str(derived), "--records", "4", "--instruct-max-new-tokens",
+                 "16", "--report", str(second / "instruct_eval.json")]) == 0
+    (first / "instruct_eval.json").write_text(json.dumps({"follows_instruction": 0.25}))
     (second / "judge").mkdir()
     (second / "judge" / "judge_summary.json").write_text(json.dumps({
         "judge_model": "fake-judge", "graded": 4, "failures": 1,
@@ -53,16 +58,23 @@ def test_report_over_two_runs(two_runs, eval_data, tmp_path, browser, capsys, mo
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "broken: no checkpoint" in printed and "missing: " in printed and "no such run folder" in printed
+    assert "lr1e-2: instruct_eval.json: not a result of `tinygemma eval --instruct`" in printed
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
+
+    # instruct rates: the numbers eval --instruct wrote, in the run's row
+    res = json.loads((second / "instruct_eval.json").read_text())
+    words = res["constraints"]["words"]
+    instructed = [f"{words['rate']:.1%} \\[{words['ci95'][0]:.2f}, {words['ci95'][1]:.2f}\\]",
+                  f"{res['story_loss']:,.4f}", "each word"]
+    assert "follows" not in md
 
     # the whole-split numbers are eval's own, for each run's best checkpoint
     expected = evaluate_checkpoint(first, EvalConfig(data=str(eval_data), context_stories=10))
     for text in (f"{expected['loss']:,.4f}", f"{expected['bits_per_byte']:,.4f}",
-                 f"{expected['context_use']['gap']:,.4f}", "lr1e-2", "lr3e-3", "follows\\_instruction", "0.250",
+                 f"{expected['context_use']['gap']:,.4f}", "lr1e-2", "lr3e-3", *instructed,
                  "6.50 \\[5.25, 7.75\\]", "fake-judge", "(loss.png)", "(lr_grad_norm.png)", "Flesch-Kincaid grade"):
         assert text in md, text
-    assert "note" not in md  # only numbers from instruct_eval.json
     assert md.count("**lr1e-2**") == 5 == md.count("**lr3e-3**")  # the five prompts side by side
 
     # cached: a second report computes nothing and writes the same page

@@ -652,7 +652,11 @@ def prepare_from_args(cfg: data.PrepareConfig, opts: InstructOptions, given: dic
     return prepare_instruct(cfg, opts, command)
 
 
-def _measure_rows(result: dict) -> list[tuple[str, dict]]:
+MEASURES = ("words", "sentence", "dialogue", "overall", "each word")
+
+
+def measure_rows(result: dict) -> list[tuple[str, dict]]:
+    """(measure, rate) of an :func:`evaluate_instructions` result, in MEASURES' order, those that applied."""
     rows = [*result["constraints"].items(), ("overall", result["overall"]), ("each word", result["words_each"])]
     return [(name, r) for name, r in rows if r["n"]]
 
@@ -665,7 +669,7 @@ def markdown_section(result: dict) -> str:
              f"{_md(result['data'])}; {_md(result['matching'])}.", "",
              "| instruction | followed | 95% interval | records |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {r['rate']:.1%} | {r['ci95'][0]:.1%}–{r['ci95'][1]:.1%} | {r['n']} |"
-              for name, r in _measure_rows(result)]
+              for name, r in measure_rows(result)]
     lines += ["", f"Masked story loss: {result['story_loss']:.4f} over {result['story_tokens']:,} tokens.", ""]
     for k, s in enumerate(result["samples"]):
         followed = ", ".join(f"{name}: {'yes' if ok else 'no'}" for name, ok in s["followed"].items())
@@ -677,7 +681,7 @@ def markdown_section(result: dict) -> str:
 def html_section(result: dict) -> str:
     e = html.escape
     rows = "".join(f"<tr><td>{e(name)}</td><td>{r['rate']:.1%}</td><td>{r['ci95'][0]:.1%}–{r['ci95'][1]:.1%}</td>"
-                   f"<td>{r['n']}</td></tr>" for name, r in _measure_rows(result))
+                   f"<td>{r['n']}</td></tr>" for name, r in measure_rows(result))
     body = [f"<h2>Instructions</h2><p>A story for each of the first {result['records']} held-out records of "
             f"{e(result['data'])}; {e(result['matching'])}.</p>",
             f"<table><tr><th>instruction</th><th>followed</th><th>95% interval</th><th>records</th></tr>{rows}"

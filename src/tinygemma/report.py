@@ -23,6 +23,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tinygemma import instruct
 from tinygemma import run as runs
 from tinygemma.config import (
     UserError,
@@ -78,6 +79,14 @@ def _optional_json(path: Path, problems: list[str]) -> dict | None:
         return None
 
 
+def _is_instruct_result(res: object) -> bool:
+    try:
+        instruct.measure_rows(res)
+        return isinstance(res["records"], int) and isinstance(res["story_loss"], float)
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
 def _cached(run: Path, name: str, key: dict, compute) -> dict | None:
     """The result kept under ``name`` in ``RUN/report_cache.json`` for the same ``key``, else ``compute()``
     (kept for next time), or None without ``compute``."""
@@ -125,6 +134,9 @@ def collect_run(run: Path, cfg: ReportConfig, device: str = "cpu") -> dict:
     else:
         problems.append("no metrics.jsonl: no curves, tokens or training losses")
     info["instruct"] = _optional_json(run / "instruct_eval.json", problems)
+    if info["instruct"] is not None and not _is_instruct_result(info["instruct"]):
+        problems.append("instruct_eval.json: not a result of `tinygemma eval --instruct`; left out")
+        info["instruct"] = None
     info["judge"] = _optional_json(run / "judge" / "judge_summary.json", problems)
     try:
         ckpt = runs.resolve_checkpoint(run)
@@ -262,13 +274,22 @@ def _get(d: dict | None, *keys):
 
 
 def _instruct_blocks(runs: list[dict]) -> list[tuple]:
-    rows = {r["name"]: {k: v for k, v in r["instruct"].items() if isinstance(v, (int, float))}
-            for r in runs if isinstance(r.get("instruct"), dict)}
-    if not rows:
+    results = {r["name"]: r["instruct"] for r in runs if isinstance(r.get("instruct"), dict)}
+    if not results:
         return []
-    keys = sorted({k for v in rows.values() for k in v})
-    return [("h2", "Instruction following"), ("p", "From each run's instruct_eval.json."),
-            ("table", ["run", *keys], [[name, *(_num(v.get(k), 3) for k in keys)] for name, v in rows.items()])]
+
+    def row(name: str, res: dict) -> list[str]:
+        rates = dict(instruct.measure_rows(res))
+        return [name, _num(res["records"]), *(f"{c['rate']:.1%} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
+                                            if (c := rates.get(m)) else "–" for m in instruct.MEASURES),
+                _num(res["story_loss"])]
+
+    return [("h2", "Instruction following"),
+            ("p", "Share of stories that follow each instruction, with 95% Wilson intervals, and the masked story "
+                  "loss, from each run's instruct_eval.json (`tinygemma eval RUN --instruct DATA --report "
+                  "RUN/instruct_eval.json`)."),
+            ("table", ["run", "records", *instruct.MEASURES, "story loss"],
+             [row(name, res) for name, res in results.items()])]
 
 
 def _judge_blocks(runs: list[dict]) -> list[tuple]:
