@@ -184,23 +184,20 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg, vocab = self.cfg, self.model_cfg.vocab_size
-        if cfg.finetune_from is not None:  # instruct records, one per row
-            train_data, val_data = (InstructDataset(cfg.data, split, vocab_size=vocab) for split in ("train", "val"))
-            sampler = RecordSampler
-        else:
-            train_data, val_data = (TokenDataset(cfg.data, split, vocab_size=vocab) for split in ("train", "val"))
-            sampler = Sampler
+        records = cfg.finetune_from is not None  # instruct records, one per row; else a stream of tokens
+        dataset, sampler = (InstructDataset, RecordSampler) if records else (TokenDataset, Sampler)
+        train_data, val_data = (dataset(cfg.data, split, vocab_size=vocab) for split in ("train", "val"))
+        if not records:
             for ds in (train_data, val_data):
                 if len(ds) <= cfg.block_size:
                     raise UserError(f"block_size {cfg.block_size} needs more than {len(ds)} tokens ({ds.path})")
         self.run_config = {"train": to_dict(cfg), "model": to_dict(self.model_cfg), "recipe": self.recipe,
                            "world_size": self.world,
                            "data_meta": {s: train_data.meta["splits"][s]["sha256"] for s in train_data.meta["splits"]}}
-        source = train_data if sampler is RecordSampler else train_data.tokens
-        self.sampler = sampler(source, cfg.block_size, cfg.micro_batch, cfg.grad_accum, self.rank, self.world,
+        train_source, val_source = (train_data, val_data) if records else (train_data.tokens, val_data.tokens)
+        self.sampler = sampler(train_source, cfg.block_size, cfg.micro_batch, cfg.grad_accum, self.rank, self.world,
                                cfg.seed)
         # the evaluation batches never change: move them to the device once
-        val_source = val_data if sampler is RecordSampler else val_data.tokens
         val_sampler = sampler(val_source, cfg.block_size, cfg.micro_batch, 1, self.rank, self.world, cfg.seed)
         self.val_batches = [self.to_device(b) for b in val_sampler.fixed_batches(1, cfg.eval_batches)]
         self.train_eval_batches = [self.to_device(b) for b in self.sampler.fixed_batches(2, cfg.eval_batches)]
@@ -336,12 +333,13 @@ class Trainer:
                 while not self.finished():
                     result = self.train_step(stop.requested)
                     self.update_budget(result)
-                    record = self.record(result)
-                    if self.is_eval_step():
+                    evaluating = self.is_eval_step()
+                    record = self.record(result, evaluating)
+                    if evaluating:
                         record.update(self.evaluate())
                     self.state.elapsed_s = self.clock.elapsed()
                     self.log(result, record)
-                    self.checkpoint(stopping=result.stop)
+                    self.checkpoint(evaluating, stopping=result.stop)
                     if result.stop:
                         break
             self._say_done(stop.requested)
@@ -443,10 +441,11 @@ class Trainer:
         self.state.total_steps = self.state.step + int(max(0.0, self.cfg.time_budget * 60 - now) / per_step)
         self.bar.total = self.state.total_steps
 
-    def record(self, result: StepResult) -> dict[str, Any] | None:
-        """The metrics line of this step (None between logging intervals); opens a new throughput window."""
+    def record(self, result: StepResult, evaluating: bool) -> dict[str, Any] | None:
+        """The metrics line of this step (None between logging intervals, which an evaluation step never is);
+        opens a new throughput window."""
         step, clock = self.state.step, self.clock
-        if step % self.cfg.log_interval != 0 and not self.is_eval_step():
+        if step % self.cfg.log_interval != 0 and not evaluating:
             return None
         tps = clock.window_tokens / clock.window_s
         clock.window_tokens, clock.window_s = 0, 0.0
@@ -493,11 +492,10 @@ class Trainer:
         self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tps:,.0f}",
                              mfu=f"{tps * self.flops_per_token / self.peak_total:.1%}" if self.peak_total else "-")
 
-    def checkpoint(self, stopping: bool = False) -> None:
+    def checkpoint(self, is_eval: bool, stopping: bool = False) -> None:
         """After a step: ``best/`` on a new best validation loss, ``checkpoint-STEP`` every save interval, at
         the end and when stopping; plots after evaluations. Other ranks wait until rank 0 is done."""
         state, cfg = self.state, self.cfg
-        is_eval = self.is_eval_step()
         val = self.last_eval["val_loss"] if is_eval else None
         best = is_eval and (state.best_val_loss is None or val < state.best_val_loss)
         if best:
