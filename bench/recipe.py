@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tinygemma import run as run_dir
 from tinygemma.data import PrepareConfig, TokenDataset, prepare
 from tinygemma.evaluate import evaluate_tokens
 from tinygemma.model import Gemma3
@@ -39,7 +39,7 @@ def run(name: str, recipe: str, extra: dict, args: argparse.Namespace) -> dict:
     out = Path(args.workdir) / name
     if (out / "result.json").is_file():  # finished earlier: a stopped sweep picks up where it was
         return json.loads((out / "result.json").read_text())
-    steps = args.tokens // (args.block_size * args.micro_batch)
+    steps = -(-args.tokens // (args.block_size * args.micro_batch))  # as the trainer counts: ceil
     shape = load_recipe("adamw")
     overrides = {"model": args.model, "data": str(Path(args.workdir) / "data"), "out": str(out), "device": args.device,
                  "block_size": args.block_size, "micro_batch": args.micro_batch, "grad_accum": 1,
@@ -47,17 +47,18 @@ def run(name: str, recipe: str, extra: dict, args: argparse.Namespace) -> dict:
                  "eval_interval": max(1, steps // args.evals), "eval_batches": args.eval_batches,
                  "save_interval": steps, "progress": False, "compile": False, **extra}
     cfg = resolve_config(load_recipe(recipe), overrides)
-    start = time.perf_counter()
-    state = train(cfg, recipe=recipe, force=True)
-    minutes = (time.perf_counter() - start) / 60
+    final = run_dir.checkpoint_dir(out, steps) / run_dir.TRAINER_STATE
+    if not final.is_file():  # else trained already, stopped before its row was written
+        train(cfg, recipe=recipe, force=True)
+    state = json.loads(final.read_text())
     curve = [(r["tokens"], r["val_loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if "val_loss" in r]
     row = {"name": name, "recipe": recipe, "optimizer": cfg.optimizer, "lr": cfg.lr,
            "muon_lr": cfg.muon_lr, "tokens": state["tokens"], "steps": state["step"], "block_size": cfg.block_size,
-           "checkpoint": str(out / f"checkpoint-{state['step']}"), "curve": curve, "train_minutes": minutes}
+           "checkpoint": str(final.parent), "curve": curve, "train_minutes": state["train_time_s"] / 60}
     (out / "result.json").write_text(json.dumps(row, indent=2) + "\n")
-    print(f"{name}: val loss {curve[-1][1]:.4f} (fixed windows) after {row['tokens']:,} tokens ({minutes:.1f} min)",
-          flush=True)
+    print(f"{name}: val loss {curve[-1][1]:.4f} (fixed windows) after {row['tokens']:,} tokens "
+          f"({row['train_minutes']:.1f} min)", flush=True)
     return row
 
 
