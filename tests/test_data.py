@@ -98,6 +98,14 @@ def test_mojibake_repaired_and_counted_legit_text_untouched(prepared, sample_sto
     assert repair_mojibake("He said, â€œHi.â€ Then â€œyes!â€\nIâ€™m") == "He said, “Hi.” Then “yes!”\nI’m"
 
 
+def test_repaired_count_covers_only_the_stories_kept(data_dir, sample_stories):
+    """--max-stories 300 keeps the first 300 stories of each split: only their repairs are counted."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    expected = sum(repair_mojibake(s) != s for stories in sample_stories.values() for s in stories[:300])
+    assert 0 < expected < 74
+    assert meta["normalisation"]["stories_changed"] == expected
+
+
 def test_no_fix_text_keeps_the_bytes(small_dir, tmp_path, tokenizer):
     _write_txt(small_dir / "TinyStories-valid.txt", ["Benâ€™s boat.", "Fine."])
     meta = prepare(PrepareConfig(source=str(small_dir), out=str(tmp_path / "o"), fix_text=False, workers=1))

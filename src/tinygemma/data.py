@@ -159,20 +159,24 @@ class _Result:
     tokens: np.ndarray  # all stories of the task in order, each followed by EOT
     lengths: np.ndarray  # tokens per story (EOT included)
     is_val: np.ndarray | None  # per story, when the task is split
-    changed: int
+    repaired: np.ndarray  # per story: its mojibake was repaired
     nbytes: int
     error: str | None = None
+
+    @property
+    def changed(self) -> int:
+        return int(self.repaired.sum())
 
     def head(self, n: int) -> _Result:
         """The first ``n`` stories (for --max-stories)."""
         return dataclasses.replace(self, tokens=self.tokens[: int(self.lengths[:n].sum())], lengths=self.lengths[:n],
-                                   is_val=None if self.is_val is None else self.is_val[:n])
+                                   is_val=None if self.is_val is None else self.is_val[:n], repaired=self.repaired[:n])
 
     def select(self, val: bool) -> _Result:
         """One side of a seeded train/val split: the val stories, or the train ones."""
         keep = self.is_val if val else ~self.is_val
         return dataclasses.replace(self, tokens=self.tokens[np.repeat(keep, self.lengths)],
-                                   lengths=self.lengths[keep], is_val=None)
+                                   lengths=self.lengths[keep], is_val=None, repaired=self.repaired[keep])
 
 
 _WORKER: dict[str, Any] = {}
@@ -191,34 +195,32 @@ def _is_val(text: str) -> bool:
     return int.from_bytes(h, "little") < _WORKER["threshold"]
 
 
-def _task_texts(task: _Task) -> tuple[list[str], int]:
-    """The task's stories (records), stripped, empty ones dropped, mojibake repaired if asked; and how many
-    were repaired. Raises UnicodeDecodeError for a .txt piece that is not UTF-8."""
+def _task_texts(task: _Task) -> tuple[list[str], list[bool]]:
+    """The task's stories (records), stripped, empty ones dropped, mojibake repaired if asked; and, per
+    story, whether it was repaired. Raises UnicodeDecodeError for a .txt piece that is not UTF-8."""
     items = task.items
     if isinstance(items, bytes):
         items = items.decode("utf-8").split(EOT_TOKEN)
-    texts, changed = [], 0
+    texts, repaired = [], []
     for item in items:
         text = item.strip()
         if not text:
             continue
-        if _WORKER["fix_text"]:
-            fixed = repair_mojibake(text)
-            changed += fixed != text
-            text = fixed
-        texts.append(text)
-    return texts, changed
+        fixed = repair_mojibake(text) if _WORKER["fix_text"] else text
+        texts.append(fixed)
+        repaired.append(fixed != text)
+    return texts, repaired
 
 
 def _failed(task: _Task, e: UnicodeDecodeError) -> _Result:
-    return _Result(np.empty(0, DTYPE), np.empty(0, np.int64), None, 0, 0,
+    return _Result(np.empty(0, DTYPE), np.empty(0, np.int64), None, np.empty(0, bool), 0,
                    f"{task.name}: invalid UTF-8 at byte {task.offset + e.start} ({e.reason})")
 
 
 def _encode_task(task: _Task) -> _Result:
     tok: Tokenizer = _WORKER["tok"]
     try:
-        texts, changed = _task_texts(task)
+        texts, repaired = _task_texts(task)
     except UnicodeDecodeError as e:
         return _failed(task, e)
     # encode_to_numpy with no special tokens allowed or disallowed is encode_ordinary, minus the Python
@@ -232,7 +234,7 @@ def _encode_task(task: _Task) -> _Result:
     tokens = np.frombuffer(joined, dtype=np.uint32).astype(DTYPE)
     lengths = np.fromiter((len(s) + 1 for s in ids), dtype=np.int64, count=len(ids))
     is_val = np.fromiter((_is_val(t) for t in texts), dtype=bool, count=len(texts)) if task.split_val else None
-    return _Result(tokens, lengths, is_val, changed, task.nbytes)
+    return _Result(tokens, lengths, is_val, np.array(repaired, dtype=bool), task.nbytes)
 
 
 # ---------------------------------------------------------------------------------------------

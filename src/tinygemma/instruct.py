@@ -262,16 +262,16 @@ def _concat(parts: list[np.ndarray], dtype: str) -> np.ndarray:
 
 def encode_records(opts: InstructOptions, seed: int, task: data._Task) -> _Records:
     """The worker side of ``prepare``: parse (or derive) and encode the records of one task."""
-    empty = dict(tokens=np.empty(0, data.DTYPE), lengths=np.empty(0, np.int64), is_val=None, changed=0,
-                 nbytes=task.nbytes)
+    empty = dict(tokens=np.empty(0, data.DTYPE), lengths=np.empty(0, np.int64), is_val=None,
+                 repaired=np.empty(0, bool), nbytes=task.nbytes)
     try:
-        texts, changed = data._task_texts(task)
+        texts, repaired = data._task_texts(task)
     except UnicodeDecodeError as e:
         return _Records(**empty | {"error": data._failed(task, e).error})
     tok: Tokenizer = data._WORKER["tok"]
-    ids, masks, records, truncated, is_val = [], [], [], [], []
+    ids, masks, records, truncated, is_val, fixed = [], [], [], [], [], []
     skipped, skipped_val = collections.Counter(), collections.Counter()
-    for text in texts:
+    for text, was_repaired in zip(texts, repaired, strict=True):
         val = task.split_val and data._is_val(text)
         try:
             record = derive_record(text, seed) if opts.derive_instructions else parse_record(text)
@@ -286,9 +286,10 @@ def encode_records(opts: InstructOptions, seed: int, task: data._Task) -> _Recor
         records.append(asdict(record))
         truncated.append(cut)
         is_val.append(val)
+        fixed.append(was_repaired)
     return _Records(**empty | dict(
         tokens=_concat(ids, data.DTYPE), lengths=np.array([len(i) for i in ids], dtype=np.int64),
-        is_val=np.array(is_val, dtype=bool) if task.split_val else None, changed=changed),
+        is_val=np.array(is_val, dtype=bool) if task.split_val else None, repaired=np.array(fixed, dtype=bool)),
         mask=_concat(masks, MASK_DTYPE), records=records, truncated=np.array(truncated, dtype=bool),
         skipped=skipped, skipped_val=skipped_val)
 
