@@ -28,11 +28,9 @@ import torch
 from tinygemma import run
 from tinygemma.data import PrepareConfig, prepare
 from tinygemma.generate import SamplingConfig, load_checkpoint
-from tinygemma.instruct import InstructOptions, evaluate_instructions, prepare_instruct
+from tinygemma.instruct import MEASURES, InstructOptions, evaluate_instructions, prepare_instruct, rates
 from tinygemma.tokenizer import Tokenizer
 from tinygemma.trainer import Trainer, finetune
-
-MEASURES = ("words", "sentence", "dialogue")
 
 
 def pretrain(args: argparse.Namespace, data: Path) -> Path:
@@ -88,17 +86,15 @@ def main() -> None:
     results = {name: score(ckpt, instruct, args) for name, ckpt in models.items()}
     print(f"\nCPU ({os.cpu_count()} cores), torch {torch.__version__}; base {base}; {args.records} validation "
           f"records; fine-tuning {args.finetune_steps} steps at lr {args.finetune_lr}")
-    print(f"{'model':<12}" + "".join(f"{m:>22}" for m in (*MEASURES, "overall", "each word")) + f"{'story loss':>12}")
+    print(f"{'model':<12}" + "".join(f"{m:>22}" for m in MEASURES) + f"{'story loss':>12}")
     for name, res in results.items():
-        cells = [res["constraints"][m] for m in MEASURES] + [res["overall"], res["words_each"]]
-        print(f"{name:<12}" + "".join(f"{c['rate']:>8.1%} [{c['ci95'][0]:.2f}-{c['ci95'][1]:.2f}]" for c in cells)
-              + f"{res['story_loss']:>12.4f}")
-    words = {name: res["constraints"]["words"]["rate"] for name, res in results.items()}
-    each = {name: res["words_each"]["rate"] for name, res in results.items()}
-    for label, rates in (("all three words used", words), ("each required word used", each)):
-        if rates["base"] > 0:
-            print(f"{label}: fine-tuned / base = {rates['fine-tuned'] / rates['base']:.2f}x, "
-                  f"control / base = {rates['control'] / rates['base']:.2f}x")
+        print(f"{name:<12}" + "".join(f"{c['rate']:>8.1%} [{c['ci95'][0]:.2f}-{c['ci95'][1]:.2f}]"
+                                      for c in rates(res).values()) + f"{res['story_loss']:>12.4f}")
+    for measure, label in (("words", "all three words used"), ("each word", "each required word used")):
+        rate = {name: rates(res)[measure]["rate"] for name, res in results.items()}
+        if rate["base"] > 0:
+            print(f"{label}: fine-tuned / base = {rate['fine-tuned'] / rate['base']:.2f}x, "
+                  f"control / base = {rate['control'] / rate['base']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({n: {k: v for k, v in r.items() if k != "samples"}
                                                for n, r in results.items()}, indent=2))

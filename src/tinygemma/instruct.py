@@ -610,14 +610,26 @@ def evaluate_instructions(model: torch.nn.Module, tokenizer: Tokenizer, data_dir
     return result
 
 
+MEASURES = ("words", "sentence", "dialogue", "overall", "each word")
+
+
+def rates(result: dict) -> dict[str, dict]:
+    """Every measure's rate of an :func:`evaluate_instructions` result, by name, in MEASURES' order."""
+    found = {**result["constraints"], "overall": result["overall"], "each word": result["words_each"]}
+    return {name: found[name] for name in MEASURES}
+
+
+def measure_rows(result: dict) -> list[tuple[str, dict]]:
+    """(measure, rate) of the measures that applied to some record, in MEASURES' order."""
+    return [(name, r) for name, r in rates(result).items() if r["n"]]
+
+
 def summary_lines(result: dict) -> list[str]:
     """One line per measure: share followed, 95% interval, how many records it applies to."""
     lines = []
-    for name, r in [*result["constraints"].items(), ("overall", result["overall"]),
-                    ("each word", result["words_each"])]:
-        if r["n"]:
-            lo, hi = r["ci95"]
-            lines.append(f"{name:<10} {r['rate']:6.1%}  [95% {lo:.1%}-{hi:.1%}]  ({r['satisfied']}/{r['n']})")
+    for name, r in measure_rows(result):
+        lo, hi = r["ci95"]
+        lines.append(f"{name:<10} {r['rate']:6.1%}  [95% {lo:.1%}-{hi:.1%}]  ({r['satisfied']}/{r['n']})")
     lines.append(f"story loss {result['story_loss']:.4f}  ({result['story_tokens']:,} trained-on tokens, "
                  f"{result['records']} records)")
     return lines
@@ -651,15 +663,6 @@ def prepare_from_args(cfg: data.PrepareConfig, opts: InstructOptions, given: dic
     if "out" not in given:
         cfg = replace(cfg, out="data/tinystories-derived" if opts.derive_instructions else "data/tinystories-instruct")
     return prepare_instruct(cfg, opts, command)
-
-
-MEASURES = ("words", "sentence", "dialogue", "overall", "each word")
-
-
-def measure_rows(result: dict) -> list[tuple[str, dict]]:
-    """(measure, rate) of an :func:`evaluate_instructions` result, in MEASURES' order, those that applied."""
-    rows = [*result["constraints"].items(), ("overall", result["overall"]), ("each word", result["words_each"])]
-    return [(name, r) for name, r in rows if r["n"]]
 
 
 def markdown_section(result: dict) -> str:

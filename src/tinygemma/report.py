@@ -81,8 +81,9 @@ def _optional_json(path: Path, problems: list[str]) -> dict | None:
 
 def _is_instruct_result(res: object) -> bool:
     try:
-        instruct.measure_rows(res)
-        return isinstance(res["records"], int) and isinstance(res["story_loss"], float)
+        measures = instruct.rates(res).values()
+        return (all(isinstance(r["n"], int) for r in measures) and isinstance(res["records"], int)
+                and isinstance(res["story_loss"], float))
     except (KeyError, TypeError, AttributeError):
         return False
 
@@ -279,9 +280,8 @@ def _instruct_blocks(runs: list[dict]) -> list[tuple]:
         return []
 
     def row(name: str, res: dict) -> list[str]:
-        rates = dict(instruct.measure_rows(res))
         return [name, _num(res["records"]), *(f"{c['rate']:.1%} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
-                                            if (c := rates.get(m)) else "–" for m in instruct.MEASURES),
+                                            if c["n"] else "–" for c in instruct.rates(res).values()),
                 _num(res["story_loss"])]
 
     return [("h2", "Instruction following"),
