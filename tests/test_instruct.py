@@ -12,6 +12,7 @@ from tinygemma.cli import main
 from tinygemma.config import UserError
 from tinygemma.data import PrepareConfig, TokenDataset
 from tinygemma.instruct import (
+    PAD_MULTIPLE,
     InstructDataset,
     InstructOptions,
     Malformed,
@@ -194,14 +195,16 @@ def test_batch_targets_follow_the_mask(tmp_path, raw):
     prepare_instruct(PrepareConfig(source=str(src), out=str(tmp_path / "o"), workers=1), InstructOptions(instruct=True))
     ds = InstructDataset(tmp_path / "o", "train", vocab_size=50257)
     ids, mask = ds.record(0)
-    n = len(ids)
-    x, y = ds.batch(np.array([0, 1]), n + 5)  # longer than the record: padded
-    assert x.dtype == y.dtype == torch.int64 and x.shape == (2, n + 5)
+    n, other = len(ids), len(ds.record(1)[0])
+    width = -(-(max(n, other) - 1) // PAD_MULTIPLE) * PAD_MULTIPLE  # the longest row, rounded up
+    x, y = ds.batch(np.array([0, 1]), 1024)  # a block longer than both records: padded to the longest
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (2, width) and width < 1024
     assert x[0, :n - 1].tolist() == ids[:-1].tolist() and (x[0, n - 1:] == 50256).all()
     expect = [int(t) if m else -100 for t, m in zip(ids[1:], mask[1:], strict=True)]
     assert y[0, :n - 1].tolist() == expect and (y[0, n - 1:] == -100).all()
+    assert ds.batch(np.array([0, 1]), width - 3)[0].shape == (2, width - 3)  # never past the block
     x, y = ds.batch(np.array([0]), 50)  # shorter than the record: cut from the end
-    assert x[0].tolist() == ids[:50].tolist()
+    assert x.shape == (1, 50) and x[0].tolist() == ids[:50].tolist()
     assert y[0].tolist() == [int(t) if m else -100 for t, m in zip(ids[1:51], mask[1:51], strict=True)]
 
 
@@ -259,6 +262,7 @@ def test_masked_loss_equals_direct_computation(tmp_path, raw):
     torch.manual_seed(0)
     model = Gemma3(load_model_config("tiny")).eval()
     loss, count = masked_loss(model, ds, np.arange(2), batch_size=1)
+    padded = masked_loss(model, ds, np.arange(2), batch_size=2)  # the shorter record padded to the longer
     total, n = 0.0, 0
     with torch.no_grad():
         for k in range(2):
@@ -269,7 +273,8 @@ def test_masked_loss_equals_direct_computation(tmp_path, raw):
             total += F.cross_entropy(logits[keep], ids[1:][keep], reduction="sum").item()
             n += int(keep.sum())
     assert count == n == int(sum(ds.record(k)[1].sum() for k in range(2)))
-    assert loss == pytest.approx(total / n, rel=1e-5)
+    assert loss == pytest.approx(total / n, rel=1e-5) and padded[0] == pytest.approx(total / n, rel=1e-5)
+    assert padded[1] == n
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,7 @@ STORY_HEADER = "Story: \n\n"
 INSTRUCT_FILES = {"train": "TinyStories-Instruct-train.txt", "val": "TinyStories-Instruct-valid.txt"}
 MASK_DTYPE = "uint8"
 IGNORE = -100  # cross_entropy's ignore_index: targets not trained on
+PAD_MULTIPLE = 64  # fine-tuning rows are padded to the batch's longest record, rounded up to this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,14 +439,19 @@ class InstructDataset(data.TokenDataset):
         return self.tokens[s:e], self.mask[s:e]
 
     def batch(self, indices: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs x and targets y (B, block_size), int64: one record per row from its start, cut from the end
-        when longer than block_size + 1, padded with ``<|endoftext|>`` in x when shorter; y is the next
-        token, -100 on padding and where that token is not trained on (its mask is 0)."""
+        """Inputs x and targets y (B, T), int64: one record per row from its start, cut from the end when
+        longer than block_size + 1, padded with ``<|endoftext|>`` in x when shorter; y is the next token, -100
+        on padding and where that token is not trained on (its mask is 0). T is the longest row rounded up to
+        a multiple of PAD_MULTIPLE, at most block_size: the full block would add padding to every row (a fifth
+        more positions at 16 x 512 on TinyStories records), and the rounding keeps the shapes a compiled
+        model sees few."""
+        rows = [self.record(int(i)) for i in indices]
+        longest = max(min(len(ids) - 1, block_size) for ids, _ in rows)
+        width = min(block_size, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
         eot = self.meta["eot_id"]
-        x = torch.full((len(indices), block_size), eot, dtype=torch.long)
-        y = torch.full((len(indices), block_size), IGNORE, dtype=torch.long)
-        for r, i in enumerate(indices):
-            ids, mask = self.record(int(i))
+        x = torch.full((len(indices), width), eot, dtype=torch.long)
+        y = torch.full((len(indices), width), IGNORE, dtype=torch.long)
+        for r, (ids, mask) in enumerate(rows):
             ids = torch.from_numpy(ids[:block_size + 1].astype(np.int64))
             keep = torch.from_numpy(mask[1:block_size + 1].astype(bool))
             n = len(ids) - 1

@@ -98,6 +98,7 @@ class StepResult:
     loss_ok: bool  # the loss is finite (an fp16 overflow step keeps its loss)
     finite: bool  # loss and gradient norm are finite
     stop: bool  # a rank was asked to stop (SIGINT/SIGTERM)
+    tokens: int  # positions run, all ranks (fine-tuning rows are cut to the batch's longest record)
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -269,6 +270,7 @@ class Trainer:
         if self.world > 1:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.eval_model, device_ids=[self.local_rank] if device.type == "cuda" else None)
+        # max_tokens counts full blocks; fine-tuning runs fewer positions (rows cut to the longest record)
         self.tokens_per_step = cfg.block_size * cfg.micro_batch * cfg.grad_accum * self.world
         self.flops_per_token = self.model_cfg.flops_per_token(cfg.block_size)
         peak = peak_flops(cfg, device)
@@ -397,9 +399,10 @@ class Trainer:
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         self.state.step += 1
-        self.state.tokens += self.tokens_per_step
+        tokens = sum(x.numel() for x, _ in batches) * self.world
+        self.state.tokens += tokens
         self.state.train_time_s += dt
-        return StepResult(loss, norm, cfg.lr * factor, dt, finite or overflow, finite, stop_votes > 0)
+        return StepResult(loss, norm, cfg.lr * factor, dt, finite or overflow, finite, stop_votes > 0, tokens)
 
     def _overflow(self, step: int) -> None:
         """fp16 loss scaling at work: the scaler skipped this step and lowered the scale (not a failure)."""
@@ -424,7 +427,7 @@ class Trainer:
     def update_budget(self, result: StepResult) -> None:
         """Count the step's time; under a time budget, re-fit the schedule's length to the time left."""
         clock = self.clock
-        clock.window_tokens += self.tokens_per_step
+        clock.window_tokens += result.tokens
         clock.window_s += result.seconds
         clock.steps_here += 1
         if self.cfg.time_budget is None:
@@ -488,7 +491,7 @@ class Trainer:
             if self.wandb_run is not None:
                 self.wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
         self.bar.update(1)
-        tps = self.tokens_per_step / result.seconds
+        tps = result.tokens / result.seconds
         self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tps:,.0f}",
                              mfu=f"{tps * self.flops_per_token / self.peak_total:.1%}" if self.peak_total else "-")
 
