@@ -163,6 +163,20 @@ def test_prepare_instruct_writes_records_and_mask(tmp_path, raw, tokenizer, caps
     assert not list(out.glob("*.tmp"))
 
 
+def test_max_stories_counts_only_the_malformed_records_read(tmp_path, raw):
+    """--max-stories N stops after the N-th kept record: malformed ones after it are never read, so not counted."""
+    bad = f"Words: a, b\nno story line here\n{EOT}\n"
+    records = [t.strip("\n") + f"\n{EOT}\n" for t in raw.split(EOT) if t.strip()]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "TinyStories-Instruct-train.txt").write_text(bad + records[0] + bad + records[1] + bad, encoding="utf-8")
+    (src / "TinyStories-Instruct-valid.txt").write_text(raw, encoding="utf-8")
+    for limit, skipped in ((1, 1), (2, 2), (None, 3)):
+        meta = prepare_instruct(PrepareConfig(source=str(src), out=str(tmp_path / f"o{limit}"), workers=1,
+                                              max_stories=limit), InstructOptions(instruct=True))
+        assert meta["splits"]["train"]["records"] == (limit or 2) and meta["splits"]["train"]["skipped"] == skipped
+
+
 def test_hub_path_downloads_the_instruct_files(tmp_path, raw, monkeypatch):
     """Without a local source, the two .txt files come from roneneldan/TinyStories (here: local copies)."""
     import huggingface_hub

@@ -771,8 +771,8 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
             return  # in flight when its input reached --max-stories
         if res.error:
             raise UserError(res.error)
-        if limit is not None and len(res.lengths) > limit:
-            res = res.head(limit)
+        if limit is not None and len(res.lengths) >= limit:  # at the limit too: it drops what follows the last
+            res = res.head(limit)  # kept story (malformed instruct records, which were never read)
         taken[k] += len(res.lengths)
         if res.is_val is not None:
             writers["train"].add(res.select(val=False))

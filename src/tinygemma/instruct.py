@@ -230,19 +230,19 @@ class _Records(data._Result):
     mask: np.ndarray | None = None
     records: list[dict] = field(default_factory=list)
     truncated: np.ndarray | None = None  # per record
-    skipped: collections.Counter = field(default_factory=collections.Counter)
-    skipped_val: collections.Counter = field(default_factory=collections.Counter)  # when split by hash
+    # malformed records as (records kept before it, why, in val): --max-stories cuts them too
+    skipped: list[tuple[int, str, bool]] = field(default_factory=list)
 
     def head(self, n: int) -> _Records:
         cut = int(self.lengths[:n].sum())
-        return replace(super().head(n), mask=self.mask[:cut], records=self.records[:n], truncated=self.truncated[:n])
+        return replace(super().head(n), mask=self.mask[:cut], records=self.records[:n], truncated=self.truncated[:n],
+                       skipped=[s for s in self.skipped if s[0] < n])
 
     def select(self, val: bool) -> _Records:
         keep = self.is_val if val else ~self.is_val
         return replace(super().select(val), mask=self.mask[np.repeat(keep, self.lengths)],
                        records=[r for r, k in zip(self.records, keep, strict=True) if k],
-                       truncated=self.truncated[keep], skipped=self.skipped_val if val else self.skipped,
-                       skipped_val=collections.Counter())
+                       truncated=self.truncated[keep], skipped=[s for s in self.skipped if s[2] == val])
 
 
 def encode_record(tok: Tokenizer, record: Record, max_tokens: int) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -271,7 +271,7 @@ def encode_records(opts: InstructOptions, seed: int, task: data._Task) -> _Recor
         return _Records(**empty | {"error": data._failed(task, e).error})
     tok: Tokenizer = data._WORKER["tok"]
     ids, masks, records, truncated, is_val, fixed = [], [], [], [], [], []
-    skipped, skipped_val = collections.Counter(), collections.Counter()
+    skipped = []
     for text, was_repaired in zip(texts, repaired, strict=True):
         val = task.split_val and data._is_val(text)
         try:
@@ -280,7 +280,7 @@ def encode_records(opts: InstructOptions, seed: int, task: data._Task) -> _Recor
                 record = Record(story=record.story)
             rec_ids, rec_mask, cut = encode_record(tok, record, opts.max_record_tokens)
         except Malformed as e:
-            (skipped_val if val else skipped)[str(e)] += 1
+            skipped.append((len(ids), str(e), bool(val)))
             continue
         ids.append(rec_ids)
         masks.append(rec_mask)
@@ -292,7 +292,7 @@ def encode_records(opts: InstructOptions, seed: int, task: data._Task) -> _Recor
         tokens=_concat(ids, data.DTYPE), lengths=np.array([len(i) for i in ids], dtype=np.int64),
         is_val=np.array(is_val, dtype=bool) if task.split_val else None, repaired=np.array(fixed, dtype=bool)),
         mask=_concat(masks, MASK_DTYPE), records=records, truncated=np.array(truncated, dtype=bool),
-        skipped=skipped, skipped_val=skipped_val)
+        skipped=skipped)
 
 
 def _reasons(counts: collections.Counter) -> str:
@@ -321,7 +321,7 @@ class _RecordWriter(data._SplitWriter):
         super().add(res)
         self.mask_f.write(res.mask.tobytes())
         self.trained += int(res.mask.sum())
-        self.skipped.update(res.skipped)
+        self.skipped.update(why for _, why, _ in res.skipped)
         self.truncated += int(res.truncated.sum())
         if self.records_f is not None:
             self.records_f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in res.records)
