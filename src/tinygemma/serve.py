@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import difflib
+import html
 import ipaddress
 import json
 import logging
@@ -32,6 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict
 from tinygemma.generate import (
@@ -357,8 +364,6 @@ def _error_body(message: str, kind: str, param: str | None = None) -> dict:
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None):
-    from fastapi.responses import JSONResponse
-
     return JSONResponse(_error_body(message, kind, param), status_code=status, headers=headers)
 
 
@@ -366,84 +371,131 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+class _SSEResponse(StreamingResponse):
+    """Server-sent events whose generation is cancelled however the response ends (done, error, disconnect)."""
+
+    def __init__(self, content, cancel: threading.Event):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.cancel = cancel
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cancel.set()
+
+
+@dataclass
+class Studio:
+    """What one app serves: the model, its tokenizer, the limits, the engine and the run folder (if any)."""
+
+    model: Gemma3
+    tok: Tokenizer
+    cfg: ServeConfig
+    model_id: str
+    run: Path | None
+    engine: Engine = field(init=False)
+    request_type: type = field(init=False)  # the body of /v1/completions, with this server's limits
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        mc = self.model.config
+        self.engine = Engine(self.model, self.tok, self.cfg.max_concurrent)
+        self.request_type = _request_model(self.cfg, mc.context_length, mc.vocab_size)
+
+    @classmethod
+    def load(cls, source: str | Path | Gemma3, cfg: ServeConfig, *, device: str | torch.device,
+             dtype: torch.dtype | None, tokenizer: Tokenizer | None, run_dir: str | Path | None,
+             model_id: str | None) -> "Studio":
+        if isinstance(source, Gemma3):
+            model, model_id = source.eval(), model_id or "tinygemma"
+        else:
+            path = Path(source)
+            model = load_checkpoint(path, device=device, dtype=dtype)
+            model_id = model_id or display_name(path)
+            if run_dir is None and not (path / "config.json").is_file():
+                run_dir = path
+        return cls(model, tokenizer or Tokenizer(), cfg, model_id, Path(run_dir) if run_dir is not None else None)
+
+    def info(self) -> dict:
+        mc, cfg = self.model.config, self.cfg
+        return {"model": self.model_id, "params": self.model.num_params(), "context_length": mc.context_length,
+                "max_tokens": cfg.max_tokens_cap(mc.context_length), "max_prompt_chars": cfg.max_prompt_chars,
+                "max_concurrent": cfg.max_concurrent, "examples": EXAMPLE_PROMPTS,
+                "run": self.run.name if self.run else None}
+
+    def make_job(self, body) -> Job:
+        tok, context = self.tok, self.model.config.context_length
+        ids = []
+        for i, p in enumerate(body.prompts()):
+            row = [tok.eot_id] + (tok.encode(p) if isinstance(p, str) else list(p))
+            if len(row) + body.max_tokens > context:
+                raise _Invalid(f"prompt {i} is {len(row)} tokens (with the leading <|endoftext|>); with max_tokens="
+                               f"{body.max_tokens} it does not fit the model's context of {context} tokens",
+                               "prompt")
+            ids.append(row)
+        sampling = SamplingConfig(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
+                                  top_p=body.top_p, greedy=body.temperature == 0, seed=body.seed,
+                                  num_samples=body.n)
+        return Job(ids, sampling, body.stops())
+
+
 def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *, device: str = "cpu",
                dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None,
-               run_dir: str | Path | None = None, model_id: str | None = None):
+               run_dir: str | Path | None = None, model_id: str | None = None) -> FastAPI:
     """The FastAPI app serving a checkpoint/run folder (``source`` a path, loaded in ``dtype``, default the
     stored one) or an already loaded model.
 
     ``run_dir`` (default: ``source`` when it is a run folder) enables the training page.
     """
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
-    from fastapi.staticfiles import StaticFiles
-    from starlette.exceptions import HTTPException
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
-
-    class SSEResponse(StreamingResponse):
-        """Server-sent events whose generation is cancelled however the response ends (done, error, disconnect)."""
-
-        def __init__(self, content, cancel: threading.Event):
-            super().__init__(content, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            self.cancel = cancel
-
-        async def __call__(self, scope, receive, send) -> None:
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                self.cancel.set()
-
-    cfg = config or ServeConfig()
-    if isinstance(source, Gemma3):
-        model = source.eval()
-        model_id = model_id or "tinygemma"
-    else:
-        path = Path(source)
-        model = load_checkpoint(path, device=device, dtype=dtype)
-        model_id = model_id or display_name(path)
-        if run_dir is None and not (path / "config.json").is_file():
-            run_dir = path
-    run = Path(run_dir) if run_dir is not None else None
-    tok = tokenizer or Tokenizer()
-    mc = model.config
-    engine = Engine(model, tok, cfg.max_concurrent)
-    CompletionRequest = _request_model(cfg, mc.context_length, mc.vocab_size)
-    created = int(time.time())
+    studio = Studio.load(source, config or ServeConfig(), device=device, dtype=dtype, tokenizer=tokenizer,
+                         run_dir=run_dir, model_id=model_id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        engine.shutdown()
+        studio.engine.shutdown()
 
     # no /docs page: FastAPI's loads its scripts from a CDN (the schema is at /openapi.json)
     app = FastAPI(title="tinygemma studio", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine = engine
+    app.state.engine = studio.engine
     app.add_middleware(_BodyLimit)
-    if is_loopback(cfg.host):
+    if is_loopback(studio.cfg.host):
         # a web page elsewhere cannot reach a loopback server through a DNS name of its own (DNS rebinding)
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=["localhost", "127.0.0.1", "[::1]"])
+    _add_error_handlers(app, studio.request_type)
+    _add_page_routes(app, studio)
+    _add_completions(app, studio)
+    return app
+
+
+def _validation_error(errors: list[dict], fields: dict) -> JSONResponse:
+    """422 with a one-line message from pydantic's errors (the first three), naming the field when one is."""
+    parts = []
+    for e in errors[:3]:
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        if e.get("type") == "extra_forbidden":
+            close = difflib.get_close_matches(str(e["loc"][-1]), fields, n=1)
+            msg = "unknown field" + (f" (did you mean '{close[0]}'?)" if close else "")
+        if e.get("type") == "json_invalid":
+            msg = f"the request body is not valid JSON ({e.get('ctx', {}).get('error', 'decode error')})"
+        loc = ".".join(str(x) for x in e.get("loc", ())[1:]) if e.get("loc", ("",))[0] == "body" else ""
+        parts.append(f"{loc}: {msg}" if loc and e.get("type") != "json_invalid" else msg)
+    loc0 = errors[0].get("loc", ()) if errors else ()
+    param = str(loc0[1]) if len(loc0) > 1 and loc0[0] == "body" and isinstance(loc0[1], str) else None
+    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
+    body = _error_body("; ".join(parts) or "invalid request", "invalid_request_error", param)
+    body["detail"] = detail  # FastAPI's usual list, without the echoed input
+    return JSONResponse(body, status_code=422)
+
+
+def _add_error_handlers(app: FastAPI, request_type: type) -> None:
+    """Every error as OpenAI's error object; never a traceback."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        parts = []
-        for e in errors[:3]:
-            msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-            if e.get("type") == "extra_forbidden":
-                close = difflib.get_close_matches(str(e["loc"][-1]), CompletionRequest.model_fields, n=1)
-                msg = "unknown field" + (f" (did you mean '{close[0]}'?)" if close else "")
-            if e.get("type") == "json_invalid":
-                msg = f"the request body is not valid JSON ({e.get('ctx', {}).get('error', 'decode error')})"
-            loc = ".".join(str(x) for x in e.get("loc", ())[1:]) if e.get("loc", ("",))[0] == "body" else ""
-            parts.append(f"{loc}: {msg}" if loc and e.get("type") != "json_invalid" else msg)
-        loc0 = errors[0].get("loc", ()) if errors else ()
-        param = str(loc0[1]) if len(loc0) > 1 and loc0[0] == "body" and isinstance(loc0[1], str) else None
-        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
-        body = _error_body("; ".join(parts) or "invalid request", "invalid_request_error", param)
-        body["detail"] = detail  # FastAPI's usual list, without the echoed input
-        return JSONResponse(body, status_code=422)
+        return _validation_error(exc.errors(), request_type.model_fields)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
@@ -456,22 +508,25 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
         log.exception("error while serving %s %s", request.method, request.url.path)
         return _error(500, "internal server error (see the server's log)", "server_error")
 
+
+def _add_page_routes(app: FastAPI, studio: Studio) -> None:
+    """The page, its static files, and what it reads: model info, health, the run's metrics and report."""
+    run = studio.run
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "active": engine.active, "max_concurrent": engine.max_concurrent,
-                "stats": dict(engine.stats)}
+        engine = studio.engine
+        return {"status": "ok", "model": studio.model_id, "active": engine.active,
+                "max_concurrent": engine.max_concurrent, "stats": dict(engine.stats)}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+        return {"object": "list", "data": [{"id": studio.model_id, "object": "model", "created": studio.created,
                                             "owned_by": "tinygemma"}]}
 
     @app.get("/api/info")
     async def info():
-        return {"model": model_id, "params": model.num_params(), "context_length": mc.context_length,
-                "max_tokens": cfg.max_tokens_cap(mc.context_length),
-                "max_prompt_chars": cfg.max_prompt_chars, "max_concurrent": cfg.max_concurrent,
-                "examples": EXAMPLE_PROMPTS, "run": run.name if run else None}
+        return studio.info()
 
     @app.get("/api/metrics")
     async def metrics(since: str = ""):
@@ -490,111 +545,116 @@ def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *
             raise HTTPException(404, "no samples report in the run folder yet")
         text = await asyncio.to_thread(found.read_text, encoding="utf-8", errors="replace")
         if found.suffix != ".html":
-            import html
-
             text = f"<!doctype html><meta charset='utf-8'><pre style='white-space:pre-wrap'>{html.escape(text)}</pre>"
         # shown in an iframe; the sandbox keeps whatever the file holds from running scripts
         return HTMLResponse(text, headers={"Content-Security-Policy": "sandbox; default-src 'none'; "
                                            "style-src 'unsafe-inline'; img-src data:"})
-
-    def make_job(body) -> Job:
-        ids = []
-        for i, p in enumerate(body.prompts()):
-            row = [tok.eot_id] + (tok.encode(p) if isinstance(p, str) else list(p))
-            if len(row) + body.max_tokens > mc.context_length:
-                raise _Invalid(f"prompt {i} is {len(row)} tokens (with the leading <|endoftext|>); with max_tokens="
-                               f"{body.max_tokens} it does not fit the model's context of {mc.context_length} tokens",
-                               "prompt")
-            ids.append(row)
-        sampling = SamplingConfig(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
-                                  top_p=body.top_p, greedy=body.temperature == 0, seed=body.seed,
-                                  num_samples=body.n)
-        return Job(ids, sampling, body.stops())
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):  # type: ignore[valid-type]
-        if body.model is not None and body.model != model_id:
-            return _error(404, f"model '{body.model}' is not served here; this server has '{model_id}' "
-                               "(or leave model out)", "not_found_error", "model")
-        try:
-            job = await asyncio.to_thread(make_job, body)
-        except _Invalid as e:
-            return _error(422, str(e), "invalid_request_error", e.param)
-        if not engine.try_acquire():
-            return _error(429, f"server busy: {engine.max_concurrent} generations are already running "
-                               f"(--max-concurrent {engine.max_concurrent}); try again shortly",
-                          "rate_limit_error", headers={"Retry-After": "1"})
-        cid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        now = int(time.time())
-        cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-
-        def usage(result: Result) -> dict:
-            return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                    "total_tokens": result.prompt_tokens + result.completion_tokens}
-
-        if not body.stream:
-            watcher = asyncio.create_task(_watch_disconnect(request, cancel))
-            try:
-                result = await loop.run_in_executor(engine.pool, engine.run, job, None, cancel)
-            finally:
-                watcher.cancel()
-                cancel.set()  # stops the generation if this request itself was cancelled
-            if result.cancelled:
-                return _error(499, "client closed the request", "cancelled")
-            return {"id": cid, "object": "text_completion", "created": now, "model": model_id,
-                    "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": f}
-                                for i, (t, f) in enumerate(zip(result.texts, result.finish, strict=True))],
-                    "usage": usage(result)}
-
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def put(item: tuple) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop is gone (server shutting down)
-                cancel.set()
-
-        def work() -> None:
-            try:
-                put(("done", engine.run(job, lambda changes: put(("step", changes)), cancel)))
-            except Exception:
-                log.exception("generation failed")
-                put(("error", None))
-
-        # a slot was taken above, so a worker thread is free: the job starts now
-        engine.pool.submit(work)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(choices: list[dict], **extra) -> str:
-            return _sse({"id": cid, "object": "text_completion", "created": now, "model": model_id,
-                         "choices": choices, **extra})
-
-        async def events():
-            while True:
-                kind, payload = await queue.get()
-                if kind == "step":
-                    for row, text, finish in payload:
-                        yield chunk([{"text": text, "index": row, "logprobs": None, "finish_reason": finish}])
-                    continue
-                if kind == "done" and payload.cancelled:  # the server is shutting down: say the rows were cut
-                    yield chunk([{"text": "", "index": row, "logprobs": None, "finish_reason": "cancelled"}
-                                 for row, finish in enumerate(payload.finish) if finish is None])
-                if kind == "done" and include_usage:
-                    yield chunk([], usage=usage(payload))
-                if kind == "error":
-                    yield _sse(_error_body("internal server error (see the server's log)", "server_error"))
-                yield "data: [DONE]\n\n"
-                return
-
-        return SSEResponse(events(), cancel)
 
     @app.get("/", include_in_schema=False)
     async def index():
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
+
+
+def _add_completions(app: FastAPI, studio: Studio) -> None:
+    CompletionRequest = studio.request_type
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):  # type: ignore[valid-type]
+        engine, model_id = studio.engine, studio.model_id
+        if body.model is not None and body.model != model_id:
+            return _error(404, f"model '{body.model}' is not served here; this server has '{model_id}' "
+                               "(or leave model out)", "not_found_error", "model")
+        try:
+            job = await asyncio.to_thread(studio.make_job, body)
+        except _Invalid as e:
+            return _error(422, str(e), "invalid_request_error", e.param)
+        if not engine.try_acquire():
+            return _error(429, f"server busy: {engine.max_concurrent} generations are already running "
+                               f"(--max-concurrent {engine.max_concurrent}); try again shortly",
+                          "rate_limit_error", headers={"Retry-After": "1"})
+        reply = _Reply(model_id)
+        if not body.stream:
+            return await _complete(engine, job, request, reply)
+        return _stream(engine, job, reply, bool(body.stream_options and body.stream_options.include_usage))
+
+
+@dataclass
+class _Reply:
+    """What every response object of one completion request shares."""
+
+    model_id: str
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def obj(self, choices: list[dict], **extra) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_id,
+                "choices": choices, **extra}
+
+
+def _usage(result: Result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+async def _complete(engine: Engine, job: Job, request: Request, reply: _Reply) -> dict | JSONResponse:
+    """The whole completion in one response; stopped if the client goes away first."""
+    cancel = threading.Event()
+    watcher = asyncio.create_task(_watch_disconnect(request, cancel))
+    try:
+        result = await asyncio.get_running_loop().run_in_executor(engine.pool, engine.run, job, None, cancel)
+    finally:
+        watcher.cancel()
+        cancel.set()  # stops the generation if this request itself was cancelled
+    if result.cancelled:
+        return _error(499, "client closed the request", "cancelled")
+    return reply.obj([{"text": t, "index": i, "logprobs": None, "finish_reason": f}
+                      for i, (t, f) in enumerate(zip(result.texts, result.finish, strict=True))], usage=_usage(result))
+
+
+def _stream(engine: Engine, job: Job, reply: _Reply, include_usage: bool) -> _SSEResponse:
+    """The completion as server-sent events: a chunk per row per decoding step, then ``data: [DONE]``."""
+    cancel = threading.Event()
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(item: tuple) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            cancel.set()
+
+    def work() -> None:
+        try:
+            put(("done", engine.run(job, lambda changes: put(("step", changes)), cancel)))
+        except Exception:
+            log.exception("generation failed")
+            put(("error", None))
+
+    engine.pool.submit(work)  # a slot was taken, so a worker thread is free: the job starts now
+
+    def chunk(choices: list[dict], **extra) -> str:
+        return _sse(reply.obj(choices, **extra))
+
+    async def events():
+        while True:
+            kind, payload = await queue.get()
+            if kind == "step":
+                for row, text, finish in payload:
+                    yield chunk([{"text": text, "index": row, "logprobs": None, "finish_reason": finish}])
+                continue
+            if kind == "done" and payload.cancelled:  # the server is shutting down: say the rows were cut
+                yield chunk([{"text": "", "index": row, "logprobs": None, "finish_reason": "cancelled"}
+                             for row, finish in enumerate(payload.finish) if finish is None])
+            if kind == "done" and include_usage:
+                yield chunk([], usage=_usage(payload))
+            if kind == "error":
+                yield _sse(_error_body("internal server error (see the server's log)", "server_error"))
+            yield "data: [DONE]\n\n"
+            return
+
+    return _SSEResponse(events(), cancel)
 
 
 class _BodyLimit:
@@ -607,8 +667,6 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from starlette.exceptions import HTTPException
-
         size = dict(scope["headers"]).get(b"content-length", b"0")
         received, complete = 0, False
         deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
