@@ -148,6 +148,18 @@ def test_model_card_without_info(tmp_path):
     assert "None" not in text.replace("None recorded", "") and "{" not in text.split("```bibtex")[0]
 
 
+def test_model_card_of_a_finetuned_checkpoint(tmp_path):
+    """A `finetune` checkpoint's card shows the instruct prompt it takes, and does not say it cannot follow them."""
+    folder = randomised().save_pretrained(tmp_path / "plain")
+    write_hf_files(folder)
+    assert "cannot follow instructions" in (folder / "README.md").read_text()
+    folder = randomised().save_pretrained(tmp_path / "instruct")
+    write_hf_files(folder, {"recipe": "finetune", "train_config": {"finetune_from": "runs/base/best", "lr": 1e-4}})
+    text = (folder / "README.md").read_text()
+    assert r"`'Features: Dialogue\nWords: frog, jump, shiny\nStory: \n\n'`" in text
+    assert "cannot follow instructions" not in text and "tinygemma eval --instruct" in text
+
+
 def test_write_hf_files_refuses_bad_info_and_non_model(tmp_path, ckpt):
     with pytest.raises(UserError, match="unknown key 'val_los'.*did you mean 'val_loss'"):
         write_hf_files(ckpt, {"val_los": 1.0})

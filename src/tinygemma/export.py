@@ -159,13 +159,20 @@ def _duration(seconds: float) -> str:
 
 
 def model_card(cfg: ModelConfig, info: CardInfo, name: str) -> str:
-
-    sizes = cfg.param_breakdown()
-    n_full = cfg.layer_types.count(FULL)
+    """README.md of an exported folder: Hub metadata, then the model, its data, training, evaluation,
+    samples, usage, limitations and citations."""
     front = "\n".join([
         "---", f"license: {info.license}", "library_name: transformers", "pipeline_tag: text-generation",
         "language:", "- en", "datasets:", "- roneneldan/TinyStories",
         "tags:", "- gemma3", "- gemma3_text", "- tinystories", "- tinygemma", "- from-scratch", "---", ""])
+    sections = [_card_model(cfg, name), _card_data(info), _card_training(info), _card_evaluation(info),
+                _card_samples(info), _card_usage(info)]
+    return front + "\n".join(line for section in sections for line in section)
+
+
+def _card_model(cfg: ModelConfig, name: str) -> list[str]:
+    sizes = cfg.param_breakdown()
+    n_full = cfg.layer_types.count(FULL)
     lines = [
         f"# {name}", "",
         f"A {_count(sizes['total'])}-parameter language model with Google DeepMind's **Gemma 3** architecture, "
@@ -196,17 +203,24 @@ def model_card(cfg: ModelConfig, info: CardInfo, name: str) -> str:
     ]
     if sizes["lm_head"]:
         lines.append(f"| output head | {sizes['lm_head']:,} |")
-    lines += [f"| **total** | **{sizes['total']:,}** |", "",
-              "The full configuration is in `config.json`; `tinygemma info PATH` prints it with the FLOPs per token.",
-              "", "## Training data", "",
-              "[TinyStories](https://huggingface.co/datasets/roneneldan/TinyStories) (Eldan & Li, 2023): "
-              "synthetic short stories written by GPT-3.5 and GPT-4 using only words a 3-4 year old "
-              "understands. Licence: Community Data License Agreement – Sharing 1.0 (CDLA-Sharing-1.0). "
-              "Each story is followed by `<|endoftext|>` during training."]
+    return lines + [f"| **total** | **{sizes['total']:,}** |", "",
+                    "The full configuration is in `config.json`; `tinygemma info PATH` prints it with the FLOPs "
+                    "per token.", ""]
+
+
+def _card_data(info: CardInfo) -> list[str]:
+    lines = ["## Training data", "",
+             "[TinyStories](https://huggingface.co/datasets/roneneldan/TinyStories) (Eldan & Li, 2023): "
+             "synthetic short stories written by GPT-3.5 and GPT-4 using only words a 3-4 year old "
+             "understands. Licence: Community Data License Agreement – Sharing 1.0 (CDLA-Sharing-1.0). "
+             "Each story is followed by `<|endoftext|>` during training."]
     if info.tokens_seen is not None:
         short = f" ({_count(info.tokens_seen)})" if info.tokens_seen >= 1e6 else ""
         lines.append(f"\nTokens seen in training: **{info.tokens_seen:,}**{short}.")
-    lines += ["", "## Training", ""]
+    return lines + [""]
+
+
+def _card_training(info: CardInfo) -> list[str]:
     facts = []
     if info.recipe:
         facts.append(f"- recipe: {info.recipe}")
@@ -216,25 +230,45 @@ def model_card(cfg: ModelConfig, info: CardInfo, name: str) -> str:
         facts.append(f"- hardware: {info.hardware}")
     if info.training_time_s is not None:
         facts.append(f"- training time: {_duration(info.training_time_s)}")
-    lines += facts or ["Pre-training with next-token cross-entropy; this checkpoint did not record its recipe."]
+    lines = ["## Training", "", *(facts or ["Pre-training with next-token cross-entropy; this checkpoint did not "
+                                            "record its recipe."])]
     if info.train_config:
         lines += ["", "<details><summary>training configuration</summary>", "", "```json",
                   json.dumps(info.train_config, indent=2, sort_keys=True, default=str), "```", "", "</details>"]
-    lines += ["", "## Evaluation", ""]
-    if info.val_loss is not None:
-        over = f" over {info.val_tokens:,} tokens" if info.val_tokens else ""
-        lines += ["| metric (TinyStories validation) | value |", "| --- | ---: |",
-                  f"| cross-entropy loss (nats/token){over} | {info.val_loss:.4f} |",
-                  f"| perplexity | {math.exp(info.val_loss):.2f} |"]
-    else:
-        lines.append("Not evaluated yet: `tinygemma eval PATH` measures validation loss and perplexity.")
-    lines += ["", "## Sample stories", ""]
-    if info.samples:
-        for i, text in enumerate(info.samples, 1):
-            lines += [f"**Sample {i}**", "", *(f"> {row}" if row else ">" for row in text.strip().split("\n")), ""]
-    else:
-        lines.append("None recorded with this checkpoint; generate some with the snippet below.")
-    lines += [
+    return lines + [""]
+
+
+def _card_evaluation(info: CardInfo) -> list[str]:
+    if info.val_loss is None:
+        return ["## Evaluation", "", "Not evaluated yet: `tinygemma eval PATH` measures validation loss and "
+                "perplexity.", ""]
+    over = f" over {info.val_tokens:,} tokens" if info.val_tokens else ""
+    return ["## Evaluation", "", "| metric (TinyStories validation) | value |", "| --- | ---: |",
+            f"| cross-entropy loss (nats/token){over} | {info.val_loss:.4f} |",
+            f"| perplexity | {math.exp(info.val_loss):.2f} |", ""]
+
+
+def _card_samples(info: CardInfo) -> list[str]:
+    if not info.samples:
+        return ["## Sample stories", "", "None recorded with this checkpoint; generate some with the snippet below."]
+    lines = ["## Sample stories", ""]
+    for i, text in enumerate(info.samples, 1):
+        lines += [f"**Sample {i}**", "", *(f"> {row}" if row else ">" for row in text.strip().split("\n")), ""]
+    return lines
+
+
+def _card_usage(info: CardInfo) -> list[str]:
+    from tinygemma.instruct import build_prompt
+
+    # a `tinygemma finetune` checkpoint takes TinyStories-Instruct's header lines before its story
+    instruct = bool(info.train_config and info.train_config.get("finetune_from"))
+    example = build_prompt(words=["frog", "jump", "shiny"], features=["Dialogue"])
+    prompt = [f"This checkpoint was fine-tuned on TinyStories-Instruct records: begin the prompt with their "
+              f"header lines, e.g. `{example!r}` (`tinygemma generate --words ... --features ...` builds it).",
+              ""] if instruct else []
+    follows = ("follows the instruction lines it was fine-tuned on only part of the time (`tinygemma eval "
+               "--instruct` measures how often)" if instruct else "cannot follow instructions")
+    return [
         "", "## How to use", "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
@@ -248,21 +282,20 @@ def model_card(cfg: ModelConfig, info: CardInfo, name: str) -> str:
         "",
         '# or: pipeline("text-generation", model=path)("Once upon a time")[0]["generated_text"]',
         "```", "",
-        "With tinygemma installed, `tinygemma generate` samples from this folder too.", "",
+        "With tinygemma installed, `tinygemma generate` samples from this folder too.", "", *prompt,
         "Stories end with `<|endoftext|>` (the eos token), so generation stops by itself. Do not add a "
         "bos token: the model was trained on plain story text.", "",
         "## Intended use and limitations", "",
         "- For learning, research and demos about small language models: how architecture, data and "
         "training budget shape what a model can write.",
         "- It writes simple English children's stories; it is not an assistant, knows little about the "
-        "world, cannot follow instructions and will produce incoherent or wrong text, especially far "
+        f"world, {follows}, and will produce incoherent or wrong text, especially far "
         "from the TinyStories style or in other languages.",
         "- TinyStories was generated by GPT-3.5/GPT-4; the model may repeat that data's biases and "
         "stereotypes. Review outputs before showing them to children or anyone else.",
         "- Not evaluated for safety; do not use it for decisions about people.", "",
         "## Citation", "",
         "```bibtex", GEMMA3_BIBTEX, "", TINYSTORIES_BIBTEX, "```", ""]
-    return front + "\n".join(lines)
 
 
 # -- tinygemma export ----------------------------------------------------------------------------
