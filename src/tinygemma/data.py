@@ -732,16 +732,52 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareConfig, tok: Tokenizer,
-         workers: int, encode: Callable[[_Task], _Result] = _encode_task) -> tuple[int, int]:
-    """Tokenise the tasks in ``workers`` processes and write the results in order.
+@dataclass
+class _Written:
+    """What _run has written so far: stories kept per input (for --max-stories), stories repaired, bytes read."""
 
-    This process is one of them: it keeps the pool (``workers - 1`` processes) fed with two tasks per
-    worker and encodes the next task itself whenever it would otherwise wait, so that with one worker
-    per core no core is left to a process that only dispatches; the split of the work adapts to how
-    much time reading and writing leave it."""
-    from tqdm import tqdm
+    inputs: list[_Input]
+    writers: dict[str, _SplitWriter]
+    max_stories: int | None
+    bar: Any  # tqdm
+    taken: list[int] = field(default_factory=list)
+    changed: int = 0
+    nbytes: int = 0
 
+    def __post_init__(self):
+        self.taken = [0] * len(self.inputs)
+
+    def tasks(self) -> Iterator[tuple[int, _Task]]:
+        """One stream over all inputs, so the workers do not drain and refill between train and val."""
+        for k, inp in enumerate(self.inputs):
+            for task in inp.tasks():
+                if self.max_stories is not None and self.taken[k] >= self.max_stories:
+                    break  # stop reading (or streaming from the hub) an input that has enough
+                yield k, task
+
+    def write(self, k: int, res: _Result) -> None:
+        limit = None if self.max_stories is None else self.max_stories - self.taken[k]
+        if limit is not None and limit <= 0:
+            return  # in flight when its input reached --max-stories
+        if res.error:
+            raise UserError(res.error)
+        if limit is not None and len(res.lengths) >= limit:  # at the limit too: it drops what follows the last
+            res = res.head(limit)  # kept story (malformed instruct records, which were never read)
+        self.taken[k] += len(res.lengths)
+        if res.is_val is not None:
+            self.writers["train"].add(res.select(val=False))
+            self.writers["val"].add(res.select(val=True))
+        else:
+            self.writers[self.inputs[k].split].add(res)
+        self.changed += res.changed
+        self.nbytes += res.nbytes
+        self.bar.update(res.nbytes)
+        stories, tokens = (sum(getattr(w, a) for w in self.writers.values()) for a in ("stories", "tokens"))
+        self.bar.set_postfix_str(f"{stories:,} stories, {tokens:,} tokens", refresh=False)
+
+
+def _start_workers(cfg: PrepareConfig, tok: Tokenizer, workers: int) -> mp.pool.Pool | None:
+    """The pool of ``workers - 1`` processes (None for one worker), and this process made a worker too."""
     init = (tok, cfg.fix_text, cfg.val_fraction, cfg.seed)
     pool = None
     if workers > 1:
@@ -750,71 +786,52 @@ def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareCon
         ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context()
         pool = ctx.Pool(workers - 1, initializer=_init_worker, initargs=(*init, True))
     _init_worker(*init, False)  # after the fork: the pool's workers ignore SIGINT, this process does not
+    return pool
+
+
+def _ready(job: _Result | mp.pool.AsyncResult) -> bool:
+    return isinstance(job, _Result) or job.ready()
+
+
+def _run(inputs: list[_Input], writers: dict[str, _SplitWriter], cfg: PrepareConfig, tok: Tokenizer,
+         workers: int, encode: Callable[[_Task], _Result] = _encode_task) -> tuple[int, int]:
+    """Tokenise the tasks in ``workers`` processes and write the results in order; returns (stories
+    repaired, bytes read).
+
+    This process is one of them: it keeps the pool (``workers - 1`` processes) fed with two tasks per
+    worker and encodes the next task itself whenever it would otherwise wait, so that with one worker
+    per core no core is left to a process that only dispatches; the split of the work adapts to how
+    much time reading and writing leave it."""
+    from tqdm import tqdm
+
+    pool = _start_workers(cfg, tok, workers)
     total = None if any(i.size is None for i in inputs) else sum(i.size for i in inputs)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="prepare", dynamic_ncols=True,
-               mininterval=0.5)
-    changed = nbytes = 0
-    taken = [0] * len(inputs)  # stories kept per input, for --max-stories
-
-    def all_tasks() -> Iterator[tuple[int, _Task]]:
-        # one stream over all inputs, so the workers do not drain and refill between train and val
-        for k, inp in enumerate(inputs):
-            for task in inp.tasks():
-                if cfg.max_stories is not None and taken[k] >= cfg.max_stories:
-                    break  # stop reading (or streaming from the hub) an input that has enough
-                yield k, task
-
-    def write(k: int, res: _Result) -> None:
-        nonlocal changed, nbytes
-        limit = None if cfg.max_stories is None else cfg.max_stories - taken[k]
-        if limit is not None and limit <= 0:
-            return  # in flight when its input reached --max-stories
-        if res.error:
-            raise UserError(res.error)
-        if limit is not None and len(res.lengths) >= limit:  # at the limit too: it drops what follows the last
-            res = res.head(limit)  # kept story (malformed instruct records, which were never read)
-        taken[k] += len(res.lengths)
-        if res.is_val is not None:
-            writers["train"].add(res.select(val=False))
-            writers["val"].add(res.select(val=True))
-        else:
-            writers[inputs[k].split].add(res)
-        changed += res.changed
-        nbytes += res.nbytes
-        bar.update(res.nbytes)
-        stories, tokens = (sum(getattr(w, a) for w in writers.values()) for a in ("stories", "tokens"))
-        bar.set_postfix_str(f"{stories:,} stories, {tokens:,} tokens", refresh=False)
-
-    tasks = all_tasks()
+    out = _Written(inputs, writers, cfg.max_stories, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000,
+                                                          desc="prepare", dynamic_ncols=True, mininterval=0.5))
+    tasks = out.tasks()
     pending: collections.deque = collections.deque()  # (input, _Result or the pool's AsyncResult), in order
-
-    def ready(job: _Result | mp.pool.AsyncResult) -> bool:
-        return isinstance(job, _Result) or job.ready()
-
-    def in_pool() -> int:  # tasks the pool is still working on
-        return sum(1 for _, job in pending if not ready(job))
-
     try:
         item = next(tasks, None)
         while item is not None or pending:
-            while pool and item is not None and len(pending) < 4 * workers and in_pool() < 2 * (workers - 1):
+            in_pool = sum(1 for _, job in pending if not _ready(job))
+            while pool and item is not None and len(pending) < 4 * workers and in_pool < 2 * (workers - 1):
                 pending.append((item[0], pool.apply_async(encode, (item[1],))))
-                item = next(tasks, None)
-            if pending and ready(pending[0][1]):
+                item, in_pool = next(tasks, None), in_pool + 1
+            if pending and _ready(pending[0][1]):
                 k, job = pending.popleft()
-                write(k, job if isinstance(job, _Result) else job.get())
+                out.write(k, job if isinstance(job, _Result) else job.get())
             elif item is not None and len(pending) < 4 * workers:
                 pending.append((item[0], encode(item[1])))  # rather than wait: this process's share
                 item = next(tasks, None)
             else:
                 k, job = pending.popleft()
-                write(k, job.get())
+                out.write(k, job.get())
     finally:
-        bar.close()
+        out.bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
-    return changed, nbytes
+    return out.changed, out.nbytes
 
 
 # ---------------------------------------------------------------------------------------------
