@@ -740,7 +740,7 @@ class _Written:
     writers: dict[str, _SplitWriter]
     max_stories: int | None
     bar: Any  # tqdm
-    taken: list[int] = field(default_factory=list)
+    taken: list[int] = field(init=False)  # stories kept per input
     changed: int = 0
     nbytes: int = 0
 

@@ -37,6 +37,7 @@ from tinygemma.config import (
     load_json,
 )
 from tinygemma.generate import DTYPES, SamplingConfig, add_checkpoint_arg
+from tinygemma.instruct import build_prompt
 from tinygemma.model import FULL, Gemma3, ModelConfig
 from tinygemma.run import display_name, replace_dir, resolve_checkpoint
 from tinygemma.tokenizer import EOT_ID, EOT_TOKEN, get_encoding, r50k_pat_str
@@ -258,14 +259,14 @@ def _card_samples(info: CardInfo) -> list[str]:
 
 
 def _card_usage(info: CardInfo) -> list[str]:
-    from tinygemma.instruct import build_prompt
-
     # a `tinygemma finetune` checkpoint takes TinyStories-Instruct's header lines before its story
     instruct = bool(info.train_config and info.train_config.get("finetune_from"))
-    example = build_prompt(words=["frog", "jump", "shiny"], features=["Dialogue"])
-    prompt = [f"This checkpoint was fine-tuned on TinyStories-Instruct records: begin the prompt with their "
-              f"header lines, e.g. `{example!r}` (`tinygemma generate --words ... --features ...` builds it).",
-              ""] if instruct else []
+    prompt = []
+    if instruct:
+        example = build_prompt(words=["frog", "jump", "shiny"], features=["Dialogue"])
+        prompt = [f"This checkpoint was fine-tuned on TinyStories-Instruct records: begin the prompt with their "
+                  f"header lines, e.g. `{example!r}` (`tinygemma generate --words ... --features ...` builds it).",
+                  ""]
     follows = ("follows the instruction lines it was fine-tuned on only part of the time (`tinygemma eval "
                "--instruct` measures how often)" if instruct else "cannot follow instructions")
     return [

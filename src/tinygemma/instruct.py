@@ -446,7 +446,7 @@ class InstructDataset(data.TokenDataset):
         more positions at 16 x 512 on TinyStories records), and the rounding keeps the shapes a compiled
         model sees few."""
         rows = [self.record(int(i)) for i in indices]
-        longest = max(min(len(ids) - 1, block_size) for ids, _ in rows)
+        longest = max(len(ids) for ids, _ in rows) - 1
         width = min(block_size, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
         eot = self.meta["eot_id"]
         x = torch.full((len(indices), width), eot, dtype=torch.long)
