@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 from tinygemma.cli import main as cli
-from tinygemma.data import PrepareConfig, prepare
-from tinygemma.evaluate import EvalConfig, evaluate_checkpoint
+from tinygemma.data.config import PrepareConfig
+from tinygemma.data.prepare import prepare
+from tinygemma.eval.loss import EvalConfig, evaluate_checkpoint
 from tinygemma.model import Gemma3, load_model_config
-from tinygemma.run import resolve_checkpoint
+from tinygemma.rundir import resolve_checkpoint
 
 
 def train(model: str, data: Path, out: Path, steps: int, device: str) -> Path:

@@ -29,8 +29,9 @@ import time
 
 import torch
 
-from tinygemma.generate import SamplingConfig, generate_ids
+from tinygemma.generate import generate_ids
 from tinygemma.model import Gemma3, load_model_config
+from tinygemma.sampling import SamplingConfig
 
 PROMPT = "Once upon a time there was a pumpkin."
 

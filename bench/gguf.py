@@ -29,10 +29,11 @@ import llama_cpp
 import numpy as np
 import torch
 
-from tinygemma.generate import SamplingConfig, generate_ids, load_checkpoint
+from tinygemma.generate import generate_ids, load_checkpoint
 from tinygemma.gguf_export import export_gguf
 from tinygemma.model import Gemma3, load_model_config
-from tinygemma.run import resolve_checkpoint
+from tinygemma.rundir import resolve_checkpoint
+from tinygemma.sampling import SamplingConfig
 from tinygemma.tokenizer import Tokenizer
 
 PROMPT = "Once upon a time there was a pumpkin."

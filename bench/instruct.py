@@ -25,25 +25,29 @@ from pathlib import Path
 
 import torch
 
-from tinygemma import run
-from tinygemma.data import PrepareConfig, prepare
-from tinygemma.generate import SamplingConfig, load_checkpoint
-from tinygemma.instruct import MEASURES, InstructOptions, evaluate_instructions, prepare_instruct, rates
+from tinygemma import rundir
+from tinygemma.data.config import InstructOptions, PrepareConfig
+from tinygemma.data.instruct import prepare_instruct
+from tinygemma.data.prepare import prepare
+from tinygemma.eval.instruct import INSTRUCT_MEASURES as MEASURES
+from tinygemma.eval.instruct import evaluate_instructions, rates
+from tinygemma.generate import load_checkpoint
+from tinygemma.sampling import SamplingConfig
 from tinygemma.tokenizer import Tokenizer
-from tinygemma.trainer import Trainer, finetune
+from tinygemma.train.trainer import Trainer, finetune
 
 
 def pretrain(args: argparse.Namespace, data: Path) -> Path:
     """The small preset on the plain stories with the muon recipe at bench/recipe.py's best small-preset LRs
     (AdamW 1e-2 on embedding and norms, Muon 3e-3 on the blocks' matrices)."""
     out = Path(args.workdir) / "base"
-    if run.latest_checkpoint(out) is not None and (out / run.BEST).is_dir():
-        return out / run.BEST  # cached
+    if rundir.latest_checkpoint(out) is not None and (out / rundir.BEST).is_dir():
+        return out / rundir.BEST  # cached
     Trainer({"data": str(data), "out": str(out), "model": "small", "device": "cpu", "compile": False,
              "block_size": 256, "micro_batch": 8, "grad_accum": 1, "max_tokens": args.pretrain_tokens,
              "max_steps": None, "lr": 1e-2, "muon_lr": 3e-3, "warmup_steps": 30, "eval_interval": 200,
              "eval_batches": 4, "progress": False}, recipe="muon", force=True).fit()
-    return out / run.BEST
+    return out / rundir.BEST
 
 
 def tune(args: argparse.Namespace, base: Path, data: Path, name: str) -> Path:
@@ -52,7 +56,7 @@ def tune(args: argparse.Namespace, base: Path, data: Path, name: str) -> Path:
                     "micro_batch": 8, "max_steps": args.finetune_steps, "lr": args.finetune_lr,
                     "warmup_steps": 10, "eval_interval": args.finetune_steps, "eval_batches": 2,
                     "progress": False}, force=True)
-    return out / run.checkpoint_dir(out, args.finetune_steps).name
+    return out / rundir.checkpoint_dir(out, args.finetune_steps).name
 
 
 def score(ckpt: Path, instruct: Path, args: argparse.Namespace) -> dict:
@@ -82,7 +86,7 @@ def main() -> None:
     prepare_instruct(PrepareConfig(source=args.source, out=str(instruct)), InstructOptions(derive_instructions=True))
     prepare_instruct(PrepareConfig(source=args.source, out=str(control)),
                      InstructOptions(derive_instructions=True, headers=False))
-    base = run.resolve_checkpoint(args.base) if args.base else pretrain(args, plain)
+    base = rundir.resolve_checkpoint(args.base) if args.base else pretrain(args, plain)
     models = {"base": base, "fine-tuned": tune(args, base, instruct, "finetuned"),
               "control": tune(args, base, control, "control")}
     results = {name: score(ckpt, instruct, args) for name, ckpt in models.items()}

@@ -42,7 +42,8 @@ def _stories(folder: Path) -> list[str]:
 
 
 def run_ours(folder: Path, out: Path, workers: int) -> dict:
-    from tinygemma.data import PrepareConfig, prepare
+    from tinygemma.data.config import PrepareConfig
+    from tinygemma.data.prepare import prepare
 
     meta = prepare(PrepareConfig(source=str(folder), out=str(out), workers=workers, force=True))
     return {"tokens": sum(s["tokens"] for s in meta["splits"].values())}

@@ -26,12 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinygemma import run as run_dir
-from tinygemma.data import PrepareConfig, TokenDataset, prepare
-from tinygemma.evaluate import evaluate_tokens
+from tinygemma import rundir
+from tinygemma.data.config import PrepareConfig
+from tinygemma.data.dataset import TokenDataset
+from tinygemma.data.prepare import prepare
+from tinygemma.eval.loss import evaluate_tokens
 from tinygemma.model import Gemma3
-from tinygemma.train import load_recipe, resolve_config
-from tinygemma.trainer import train
+from tinygemma.train.config import load_recipe, resolve_config
+from tinygemma.train.trainer import train
 
 
 def run(name: str, recipe: str, extra: dict, args: argparse.Namespace) -> dict:
@@ -47,7 +49,7 @@ def run(name: str, recipe: str, extra: dict, args: argparse.Namespace) -> dict:
                  "eval_interval": max(1, steps // args.evals), "eval_batches": args.eval_batches,
                  "save_interval": steps, "progress": False, "compile": False, **extra}
     cfg = resolve_config(load_recipe(recipe), overrides)
-    final = run_dir.checkpoint_dir(out, steps) / run_dir.TRAINER_STATE
+    final = rundir.checkpoint_dir(out, steps) / rundir.TRAINER_STATE
     if not final.is_file():  # else trained already, stopped before its row was written
         train(cfg, recipe=recipe, force=True)
     state = json.loads(final.read_text())

@@ -29,9 +29,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from tinygemma.generate import SamplingConfig, encode_prompts, load_checkpoint, stream
+from tinygemma.generate import encode_prompts, load_checkpoint, stream
 from tinygemma.model import Gemma3, load_model_config
-from tinygemma.serve import EXAMPLE_PROMPTS
+from tinygemma.sampling import SamplingConfig
+from tinygemma.serve.openai import EXAMPLE_PROMPTS
 from tinygemma.tokenizer import Tokenizer
 
 HOST = "127.0.0.1"

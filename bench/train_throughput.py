@@ -31,11 +31,13 @@ import types
 import torch
 import torch.nn.functional as F
 
-from tinygemma.data import PrepareConfig, prepare
+from tinygemma.data.config import PrepareConfig
+from tinygemma.data.prepare import prepare
 from tinygemma.model import Gemma3, apply_rope, load_model_config
-from tinygemma.optim import Precision
-from tinygemma.train import TrainConfig, peak_flops, peak_memory_mb
-from tinygemma.trainer import Trainer
+from tinygemma.train.config import TrainConfig
+from tinygemma.train.hardware import peak_flops, peak_memory_mb
+from tinygemma.train.optim import Precision
+from tinygemma.train.trainer import Trainer
 
 VARIANTS = ("tinygemma", "tinygemma+compile", "hf", "hf+compile", "tutorial")
 

@@ -21,7 +21,8 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from tinygemma.config import UserError, atomic_write
+from tinygemma.config import UserError
+from tinygemma.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 

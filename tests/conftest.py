@@ -45,7 +45,8 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory, sample_dir):
     """The first 300 stories of each split of the real sample, prepared."""
-    from tinygemma.data import PrepareConfig, prepare
+    from tinygemma.data.config import PrepareConfig
+    from tinygemma.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("data")
     prepare(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=300))

@@ -16,10 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tinygemma import data
 from tinygemma.cli import main
 from tinygemma.config import UserError
-from tinygemma.data import PrepareConfig, TokenDataset, prepare, repair_mojibake
+from tinygemma.data import sources, writer
+from tinygemma.data.config import PrepareConfig
+from tinygemma.data.dataset import TokenDataset
+from tinygemma.data.prepare import prepare
+from tinygemma.data.sources import repair_mojibake
 
 EOT = 50256
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -115,7 +118,7 @@ def test_no_fix_text_keeps_the_bytes(small_dir, tmp_path, tokenizer):
 
 @pytest.mark.slow
 def test_workers_give_identical_files(prepared, sample_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "BATCH_BYTES", 50_000)  # many tasks, shared between the pool and this process
+    monkeypatch.setattr(sources, "BATCH_BYTES", 50_000)  # many tasks, shared between the pool and this process
     for workers in (2, 3):
         prepare(PrepareConfig(source=str(sample_dir), out=str(tmp_path / f"w{workers}"), workers=workers))
         assert _bytes(tmp_path / f"w{workers}") == _bytes(prepared[0]), workers
@@ -123,8 +126,8 @@ def test_workers_give_identical_files(prepared, sample_dir, tmp_path, monkeypatc
 
 def test_streaming_reader_chunk_boundaries(prepared, sample_dir, tmp_path, monkeypatch):
     # Reads smaller than the separator and tiny batches: the separator straddles every boundary.
-    monkeypatch.setattr(data, "READ_BYTES", 7)
-    monkeypatch.setattr(data, "BATCH_BYTES", 5000)
+    monkeypatch.setattr(sources, "READ_BYTES", 7)
+    monkeypatch.setattr(sources, "BATCH_BYTES", 5000)
     d = tmp_path / "src"
     d.mkdir()
     for name in ("TinyStories-train.txt", "TinyStories-valid.txt"):
@@ -390,9 +393,9 @@ def test_bad_inputs(tmp_path, capsys, small_dir):
 
 
 def test_long_file_without_separator_fails_early(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_STORY_BYTES", 1000)
-    monkeypatch.setattr(data, "READ_BYTES", 100)
-    monkeypatch.setattr(data, "BATCH_BYTES", 100)
+    monkeypatch.setattr(sources, "MAX_STORY_BYTES", 1000)
+    monkeypatch.setattr(sources, "READ_BYTES", 100)
+    monkeypatch.setattr(sources, "BATCH_BYTES", 100)
     (tmp_path / "big.txt").write_text("word " * 10_000)
     with pytest.raises(UserError, match=r"big.txt: no <\|endoftext\|> separator within 1,000 bytes from byte 0"):
         prepare(PrepareConfig(source=str(tmp_path / "big.txt"), out=str(tmp_path / "o"), workers=1))
@@ -429,10 +432,10 @@ def test_disk_full_keeps_the_old_data(small_dir, tmp_path, capsys, monkeypatch):
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    monkeypatch.setattr(data, "open", lambda path, mode="r", **kw: (FillingFile if str(path).endswith(".bin.tmp")
+    monkeypatch.setattr(writer, "open", lambda path, mode="r", **kw: (FillingFile if str(path).endswith(".bin.tmp")
                                                                     else lambda f: f)(open(path, mode, **kw)),
                         raising=False)
-    monkeypatch.setattr(data, "BATCH_BYTES", 2000)
+    monkeypatch.setattr(sources, "BATCH_BYTES", 2000)
     _fails(capsys, ["--source", str(small_dir), "--out", str(out), "--force", "--workers", "1"],
            "train.bin.tmp: write failed (No space left on device); the existing data was left as it was")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from tinygemma.cli import main
-from tinygemma.data import PrepareConfig, TokenDataset, prepare
-from tinygemma.evaluate import (
-    TUTORIAL_PROMPTS,
-    context_use,
-    evaluate_tokens,
-    held_out_stories,
+from tinygemma.data.config import PrepareConfig
+from tinygemma.data.dataset import TokenDataset
+from tinygemma.data.prepare import prepare
+from tinygemma.eval.loss import context_use, evaluate_tokens, held_out_stories
+from tinygemma.eval.samples import (
     mojibake_count,
     nonwords,
     reading_level,
@@ -20,8 +19,10 @@ from tinygemma.evaluate import (
     sample_report,
     write_samples_report,
 )
-from tinygemma.generate import SamplingConfig, generate_ids, load_checkpoint
+from tinygemma.generate import generate_ids, load_checkpoint
 from tinygemma.model import Gemma3, load_model_config
+from tinygemma.prompts import TUTORIAL_PROMPTS
+from tinygemma.sampling import SamplingConfig
 
 
 @pytest.fixture(scope="module")

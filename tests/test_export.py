@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from tinygemma.cli import main
 from tinygemma.config import UserError
-from tinygemma.export import HF_FILES, ExportConfig, export, sampling_defaults, write_hf_files
+from tinygemma.export import ExportConfig, export
+from tinygemma.hf_folder import HF_FILES, sampling_defaults, write_hf_files
 from tinygemma.model import PRESETS, Gemma3, ModelConfig
 
 assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: nothing here may touch the Hub

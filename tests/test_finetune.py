@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinygemma import run
+from tinygemma import rundir
 from tinygemma.cli import main
-from tinygemma.data import PrepareConfig
-from tinygemma.instruct import InstructOptions, prepare_instruct
+from tinygemma.data.config import InstructOptions, PrepareConfig
+from tinygemma.data.instruct import prepare_instruct
 
 pytestmark = pytest.mark.slow  # each test trains
 
@@ -37,17 +37,17 @@ def finetuned(short_run, instruct_dir, tmp_path_factory) -> Path:
 
 def curve(out: Path) -> list[tuple]:
     keys = ("step", "tokens", "train_loss", "grad_norm", "lr", "val_loss")
-    return [tuple(r.get(k) for k in keys) for r in run.Metrics(out).read()]
+    return [tuple(r.get(k) for k in keys) for r in rundir.Metrics(out).read()]
 
 
 def test_finetune_starts_from_the_checkpoint_and_learns(finetuned, short_run):
-    saved = run.read_run_config(finetuned)
+    saved = rundir.read_run_config(finetuned)
     assert saved["recipe"] == "finetune" and saved["train"]["finetune_from"] == str((short_run / "best").resolve())
-    rows = run.Metrics(finetuned).read()
+    rows = rundir.Metrics(finetuned).read()
     assert [r["step"] for r in rows] == list(range(1, 7))
     # starts near the pre-trained model's loss on story tokens (not ln(50257) ~ 10.8 of a fresh model)
     assert rows[0]["train_loss"] < 9.0 and rows[-1]["val_loss"] < rows[0]["train_loss"]
-    state = json.loads((finetuned / "checkpoint-6" / run.TRAINER_STATE).read_text())
+    state = json.loads((finetuned / "checkpoint-6" / rundir.TRAINER_STATE).read_text())
     assert state["sampler"]["kind"] == "random_records"
 
 

@@ -6,8 +6,8 @@ import torch
 from tinygemma import generate as gen
 from tinygemma.cli import main
 from tinygemma.config import UserError
+from tinygemma.device import inference_dtype
 from tinygemma.generate import (
-    SamplingConfig,
     TextStream,
     generate_ids,
     generate_text,
@@ -18,6 +18,7 @@ from tinygemma.generate import (
     top_next_tokens,
 )
 from tinygemma.model import PRESETS, Gemma3, ModelConfig
+from tinygemma.sampling import SamplingConfig
 
 GREEDY = SamplingConfig(max_new_tokens=40, greedy=True)
 
@@ -294,9 +295,9 @@ def test_compiled_decoding_equals_eager(model):
 
 
 def test_dtype_flag(ckpt, capsys):
-    assert gen.inference_dtype("auto", "cpu") == torch.float32
-    assert gen.inference_dtype("auto", "cuda") == torch.bfloat16
-    assert gen.inference_dtype("bf16", "cpu") == torch.bfloat16
+    assert inference_dtype("auto", "cpu") == torch.float32
+    assert inference_dtype("auto", "cuda") == torch.bfloat16
+    assert inference_dtype("bf16", "cpu") == torch.bfloat16
     assert main(["generate", str(ckpt), "--prompt", "Once", "--greedy", "--max-new-tokens", "8", "--dtype", "bf16",
                  "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["samples"][0]["tokens"]) > 0

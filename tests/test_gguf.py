@@ -11,16 +11,12 @@ import torch
 
 from tinygemma.cli import main
 from tinygemma.config import UserError
-from tinygemma.generate import (
-    TUTORIAL_PROMPTS,
-    SamplingConfig,
-    encode_prompts,
-    generate_ids,
-    load_checkpoint,
-)
+from tinygemma.generate import encode_prompts, generate_ids, load_checkpoint
 from tinygemma.gguf_export import export_gguf, gpt2_vocab
 from tinygemma.model import FULL, PRESETS, SLIDING, Gemma3, ModelConfig
-from tinygemma.run import resolve_checkpoint
+from tinygemma.prompts import TUTORIAL_PROMPTS
+from tinygemma.rundir import resolve_checkpoint
+from tinygemma.sampling import SamplingConfig
 from tinygemma.tokenizer import EOT_ID
 
 # six layers (five sliding, one full), as llama.cpp's gemma3 runs them, narrow so that tests stay quick

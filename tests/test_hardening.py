@@ -15,11 +15,14 @@ from safetensors.torch import load_file, save_file
 from test_run import one_line_error, tree_hash
 from test_serve import tiny_model
 
-from tinygemma import run, serve
+from tinygemma import rundir
 from tinygemma.cli import main
-from tinygemma.data import PrepareConfig, _num_workers, prepare
-from tinygemma.generate import parse_device
-from tinygemma.serve import create_app, serve_in_thread
+from tinygemma.data.config import PrepareConfig
+from tinygemma.data.prepare import prepare
+from tinygemma.data.workers import num_workers as _num_workers
+from tinygemma.device import parse_device
+from tinygemma.serve import app as serve
+from tinygemma.serve.app import create_app, serve_in_thread
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 as_root = pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
@@ -29,7 +32,7 @@ as_root = pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read
 def ckpt(short_run, tmp_path):
     """A copy of the short run's best/ checkpoint (tests may damage it)."""
     path = tmp_path / "best"
-    shutil.copytree(short_run / run.BEST, path)
+    shutil.copytree(short_run / rundir.BEST, path)
     return path
 
 
@@ -113,11 +116,11 @@ def test_nan_weights_refused_at_load(ckpt, capsys):
 
 # -- 9: corrupt metadata gets the same one-line errors as user input ----------------------------------------------
 def test_eval_with_broken_run_config(ckpt, data_dir, capsys):
-    (ckpt / run.RUN_CONFIG).write_text('{"train": {"block_size": "big"}, "model": {}}')
+    (ckpt / rundir.RUN_CONFIG).write_text('{"train": {"block_size": "big"}, "model": {}}')
     before = tree_hash(ckpt)
     err = one_line_error(capsys, "eval", str(ckpt), "--data", str(data_dir))
     assert "not a tinygemma run config" in err and tree_hash(ckpt) == before
-    (ckpt / run.RUN_CONFIG).write_text('{"train": ')
+    (ckpt / rundir.RUN_CONFIG).write_text('{"train": ')
     assert "not valid JSON" in one_line_error(capsys, "eval", str(ckpt), "--data", str(data_dir))
 
 
@@ -137,7 +140,7 @@ def resume_error(capsys, run_copy, data_dir, *extra: str) -> str:
 
 
 def test_resume_with_wrong_types_in_trainer_state(run_copy, data_dir, capsys):
-    path = run_copy / "checkpoint-20" / run.TRAINER_STATE
+    path = run_copy / "checkpoint-20" / rundir.TRAINER_STATE
     state = json.loads(path.read_text())
     path.write_text(json.dumps({**state, "tokens": "many"}))
     err = resume_error(capsys, run_copy, data_dir)
@@ -197,7 +200,7 @@ def test_export_and_checkpoints_follow_the_umask(ckpt, short_run, tmp_path):
     assert stat.S_IMODE((tmp_path / "hf" / "model.safetensors").stat().st_mode) == 0o644
     current = os.umask(0)
     os.umask(current)
-    mode = stat.S_IMODE((short_run / run.BEST / "model.safetensors").stat().st_mode)
+    mode = stat.S_IMODE((short_run / rundir.BEST / "model.safetensors").stat().st_mode)
     assert mode == 0o666 & ~current
 
 

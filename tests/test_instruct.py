@@ -10,24 +10,12 @@ import torch.nn.functional as F
 
 from tinygemma.cli import main
 from tinygemma.config import UserError
-from tinygemma.data import PrepareConfig, TokenDataset
-from tinygemma.instruct import (
-    PAD_MULTIPLE,
-    InstructDataset,
-    InstructOptions,
-    Malformed,
-    Record,
-    build_prompt,
-    check_story,
-    derive_record,
-    masked_loss,
-    parse_record,
-    prepare_instruct,
-    read_records,
-    stem,
-    uses_word,
-    wilson,
-)
+from tinygemma.data.config import InstructOptions, PrepareConfig
+from tinygemma.data.dataset import TokenDataset
+from tinygemma.data.instruct import prepare_instruct, read_records
+from tinygemma.eval.instruct import check_story, masked_loss, uses_word, wilson
+from tinygemma.prompts import Malformed, Record, build_prompt, derive_record, parse_record, stem
+from tinygemma.train.sampler import PAD_MULTIPLE, InstructDataset
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories-instruct" / \
     "TinyStories-Instruct-sample.txt"
@@ -308,8 +296,9 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_evaluate_instructions(tiny_ckpt, derived_dir, tokenizer, tmp_path, capsys):
-    from tinygemma.generate import SamplingConfig, generate_rows, load_checkpoint
-    from tinygemma.instruct import evaluate_instructions
+    from tinygemma.eval.instruct import evaluate_instructions
+    from tinygemma.generate import generate_rows, load_checkpoint
+    from tinygemma.sampling import SamplingConfig
 
     model = load_checkpoint(tiny_ckpt)
     sampling = SamplingConfig(max_new_tokens=12, seed=5)
@@ -339,7 +328,8 @@ def test_evaluate_instructions(tiny_ckpt, derived_dir, tokenizer, tmp_path, caps
 
 
 def test_generate_with_instructions(tiny_ckpt, tokenizer, capsys):
-    from tinygemma.generate import SamplingConfig, generate_text, load_checkpoint
+    from tinygemma.generate import generate_text, load_checkpoint
+    from tinygemma.sampling import SamplingConfig
 
     assert main(["generate", str(tiny_ckpt), "--words", "frog, jump,shiny", "--features", "dialogue",
                  "--sentence", "The frog  was happy.", "--prompt", "Once", "--greedy", "--max-new-tokens", "6"]) == 0

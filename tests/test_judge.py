@@ -22,8 +22,7 @@ import torch
 
 import tinygemma
 from tinygemma.cli import main
-from tinygemma.generate import TUTORIAL_PROMPTS
-from tinygemma.judge import (
+from tinygemma.eval.judge import (
     CRITERIA,
     MARKER,
     RUBRIC_VERSION,
@@ -36,6 +35,7 @@ from tinygemma.judge import (
     summarize,
 )
 from tinygemma.model import Gemma3, load_model_config
+from tinygemma.prompts import TUTORIAL_PROMPTS
 
 
 def grade_for(story: str) -> dict:
@@ -156,7 +156,7 @@ def test_each_reply_kind(tmp_path, monkeypatch):
 
 
 def _prompt_text(story: str) -> str:
-    from tinygemma.judge import RUBRIC
+    from tinygemma.eval.judge import RUBRIC
 
     return RUBRIC.format(story=story)
 
@@ -178,7 +178,7 @@ def test_cache_hit_on_rerun(tmp_path):
 
 CHILD = """
 import json, sys
-from tinygemma.judge import JudgeConfig, grade_all
+from tinygemma.eval.judge import JudgeConfig, grade_all
 items = json.loads(sys.argv[3])
 grade_all(items, JudgeConfig(endpoint=sys.argv[1], judge_model="fake-judge", concurrency=1), sys.argv[2])
 """

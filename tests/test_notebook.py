@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tinygemma.generate import TUTORIAL_PROMPTS
+from tinygemma.prompts import TUTORIAL_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "inference.ipynb"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tinygemma.model import Gemma3, load_model_config
-from tinygemma.optim import Precision, build_optimizer, lr_factor, set_lr, split_params
-from tinygemma.train import TrainConfig, load_recipe, lr_at, resolve_config
+from tinygemma.train.config import TrainConfig, load_recipe, resolve_config
+from tinygemma.train.optim import Precision, build_optimizer, lr_at, lr_factor, set_lr, split_params
 
 CPU = torch.device("cpu")
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -5,10 +5,11 @@ import shutil
 
 import pytest
 
-import tinygemma.report as report_mod
+import tinygemma.eval.report as report_mod
 from tinygemma.cli import main
-from tinygemma.data import PrepareConfig, prepare
-from tinygemma.evaluate import EvalConfig, evaluate_checkpoint
+from tinygemma.data.config import PrepareConfig
+from tinygemma.data.prepare import prepare
+from tinygemma.eval.loss import EvalConfig, evaluate_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tinygemma import run
+from tinygemma import rundir
 from tinygemma.cli import main
 from tinygemma.config import UserError
 
@@ -23,7 +23,7 @@ TRAIN = ["--model", "tiny", "--block-size", "32", "--micro-batch", "4", "--grad-
 
 def tree_hash(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != run.LOCK}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != rundir.LOCK}
 
 
 def one_line_error(capsys, *argv: str) -> str:
@@ -41,15 +41,15 @@ def run_copy(short_run, tmp_path) -> Path:
 
 
 def test_names_listing_and_resolution(run_copy):
-    assert [s for s, _ in run.checkpoints(run_copy)] == [15, 20]
-    assert run.resolve_checkpoint(run_copy) == run_copy / "best"
-    assert run.latest_checkpoint(run_copy) == run_copy / "checkpoint-20"
-    assert run.display_name(run_copy / "checkpoint-20") == f"{run_copy.name}/checkpoint-20"
-    assert run.display_name(run_copy) == run_copy.name
-    assert run.run_of(run_copy / "best") == run_copy.resolve() and run.run_of(run_copy) is None
+    assert [s for s, _ in rundir.checkpoints(run_copy)] == [15, 20]
+    assert rundir.resolve_checkpoint(run_copy) == run_copy / "best"
+    assert rundir.latest_checkpoint(run_copy) == run_copy / "checkpoint-20"
+    assert rundir.display_name(run_copy / "checkpoint-20") == f"{run_copy.name}/checkpoint-20"
+    assert rundir.display_name(run_copy) == run_copy.name
+    assert rundir.run_of(run_copy / "best") == run_copy.resolve() and rundir.run_of(run_copy) is None
     (run_copy / "checkpoint-20" / "optimizer.pt").unlink()  # incomplete: not resumable, still a model
-    assert run.latest_checkpoint(run_copy) == run_copy / "checkpoint-15"
-    assert run.read_run_config(run_copy)["train"]["max_steps"] == 20
+    assert rundir.latest_checkpoint(run_copy) == run_copy / "checkpoint-15"
+    assert rundir.read_run_config(run_copy)["train"]["max_steps"] == 20
 
 
 def test_prune_deletes_atomically_and_recover_tidies(run_copy):
@@ -57,10 +57,10 @@ def test_prune_deletes_atomically_and_recover_tidies(run_copy):
     (run_copy / ".del-checkpoint-5").mkdir()
     (run_copy / ".tmp-checkpoint-25").mkdir()
     shutil.copytree(run_copy / "checkpoint-15", run_copy / ".old-checkpoint-10")  # caught mid-swap
-    run.recover(run_copy)
+    rundir.recover(run_copy)
     names = sorted(p.name for p in run_copy.iterdir() if p.is_dir())
     assert names == ["best", "checkpoint-10", "checkpoint-15", "checkpoint-20"]
-    run.prune(run_copy, keep_last=1)
+    rundir.prune(run_copy, keep_last=1)
     assert sorted(p.name for p in run_copy.glob("*checkpoint-*")) == ["checkpoint-20"]
 
 
@@ -78,16 +78,16 @@ def test_kill_while_pruning_leaves_only_complete_checkpoints(data_dir, tmp_path)
 
 @pytest.mark.slow
 def test_resume_auto_from_best_alone(run_copy, data_dir):
-    for _, path in run.checkpoints(run_copy):
+    for _, path in rundir.checkpoints(run_copy):
         shutil.rmtree(path)
     assert main(["train", "--data", str(data_dir), "--out", str(run_copy), "--resume", "auto", "--no-progress",
                  "--max-steps", "22"]) == 0
-    assert [r["step"] for r in run.Metrics(run_copy).read()] == list(range(1, 23))
-    assert json.loads((run_copy / "checkpoint-22" / run.TRAINER_STATE).read_text())["step"] == 22
+    assert [r["step"] for r in rundir.Metrics(run_copy).read()] == list(range(1, 23))
+    assert json.loads((run_copy / "checkpoint-22" / rundir.TRAINER_STATE).read_text())["step"] == 22
 
 
 def test_resume_auto_without_any_complete_checkpoint_refuses(run_copy, data_dir, capsys):
-    for _, path in run.checkpoints(run_copy):
+    for _, path in rundir.checkpoints(run_copy):
         shutil.rmtree(path)
     (run_copy / "best" / "optimizer.pt").unlink()
     before = tree_hash(run_copy)
@@ -98,38 +98,38 @@ def test_resume_auto_without_any_complete_checkpoint_refuses(run_copy, data_dir,
 
 
 def test_second_trainer_on_a_run_folder_is_refused(run_copy, data_dir, capsys):
-    with run.lock(run_copy):
+    with rundir.lock(run_copy):
         before = tree_hash(run_copy)
         err = one_line_error(capsys, "train", "--data", str(data_dir), "--out", str(run_copy), "--resume", "auto",
                              "--no-progress", "--max-steps", "30")
         assert f"in use by another trainer (PID {os.getpid()}" in err
         assert tree_hash(run_copy) == before
-    with run.lock(run_copy):  # released on exit, and again on error
+    with rundir.lock(run_copy):  # released on exit, and again on error
         pass
 
 
 def test_lock_of_a_killed_trainer_is_not_stale(tmp_path):
-    code = ("import sys, time; from tinygemma import run\n"
-            "with run.lock(sys.argv[1]):\n print('held', flush=True); time.sleep(60)")
+    code = ("import sys, time; from tinygemma import rundir\n"
+            "with rundir.lock(sys.argv[1]):\n print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     with pytest.raises(UserError, match=f"PID {proc.pid}"):
-        with run.lock(tmp_path):
+        with rundir.lock(tmp_path):
             pass
     proc.kill()
     proc.wait()
-    with run.lock(tmp_path):  # the OS released the dead owner's lock
+    with rundir.lock(tmp_path):  # the OS released the dead owner's lock
         pass
 
 
 @pytest.mark.slow
 def test_half_written_metrics_line_is_dropped_on_resume(run_copy, data_dir, capsys):
-    with open(run_copy / run.METRICS, "a") as f:
+    with open(run_copy / rundir.METRICS, "a") as f:
         f.write('{"step": 21, "train_lo')
     assert main(["train", "--data", str(data_dir), "--out", str(run_copy), "--resume", "auto", "--no-progress",
                  "--max-steps", "21"]) == 0
     assert "dropped a half-written last line" in capsys.readouterr().err
-    assert [r["step"] for r in run.Metrics(run_copy).read()] == list(range(1, 22))
+    assert [r["step"] for r in rundir.Metrics(run_copy).read()] == list(range(1, 22))
 
 
 def test_latest_report_stays_inside_the_run(tmp_path):
@@ -140,4 +140,4 @@ def test_latest_report_stays_inside_the_run(tmp_path):
     outside = tmp_path.parent / f"{tmp_path.name}-outside.html"
     outside.write_text("secret")
     (tmp_path / "sub" / "x.html").symlink_to(outside)
-    assert run.latest_report(tmp_path) == tmp_path / "samples.md"
+    assert rundir.latest_report(tmp_path) == tmp_path / "samples.md"

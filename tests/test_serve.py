@@ -11,18 +11,14 @@ import torch
 
 from tinygemma.cli import main
 from tinygemma.config import UserError
-from tinygemma.generate import SamplingConfig, encode_prompts, generate_ids
-from tinygemma.instruct import build_prompt
+from tinygemma.generate import encode_prompts, generate_ids
 from tinygemma.model import Gemma3, load_model_config
-from tinygemma.run import latest_report, read_metrics, resolve_checkpoint
-from tinygemma.serve import (
-    STATIC,
-    ServeConfig,
-    _Row,
-    create_app,
-    is_loopback,
-    serve_in_thread,
-)
+from tinygemma.prompts import build_prompt
+from tinygemma.rundir import latest_report, read_metrics, resolve_checkpoint
+from tinygemma.sampling import SamplingConfig
+from tinygemma.serve.app import STATIC, create_app, is_loopback, serve_in_thread
+from tinygemma.serve.config import ServeConfig
+from tinygemma.serve.engine import _Row
 
 
 def tiny_model(delay: float = 0.0, fail: bool = False) -> Gemma3:
@@ -390,7 +386,7 @@ def test_cli_errors_and_loopback(tmp_path, capsys):
 
 
 def test_cli_binds_loopback_and_warns_otherwise(run_dir, monkeypatch, capsys):
-    import tinygemma.serve as serve
+    import tinygemma.cli.serve as serve  # the command calls uvicorn_server
 
     served = []
 
@@ -398,7 +394,7 @@ def test_cli_binds_loopback_and_warns_otherwise(run_dir, monkeypatch, capsys):
         def run(self, sockets):
             served.append(sockets[0].getsockname())
 
-    monkeypatch.setattr(serve, "_uvicorn_server", lambda app, log_level: FakeServer())
+    monkeypatch.setattr(serve, "uvicorn_server", lambda app, log_level: FakeServer())
     assert main(["serve", str(run_dir), "--port", "0"]) == 0
     assert served[-1][0] == "127.0.0.1"
     err = capsys.readouterr().err

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinygemma.instruct import build_prompt
 from tinygemma.model import Gemma3, load_model_config
-from tinygemma.serve import EXAMPLE_PROMPTS, create_app, serve_in_thread
+from tinygemma.prompts import build_prompt
+from tinygemma.serve.app import create_app, serve_in_thread
+from tinygemma.serve.openai import EXAMPLE_PROMPTS
 
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "studio.png"
 

@@ -20,14 +20,9 @@ from safetensors.torch import load_file
 
 from tinygemma.cli import main
 from tinygemma.config import UserError
-from tinygemma.train import (
-    Sampler,
-    TrainConfig,
-    load_recipe,
-    lr_at,
-    parse_sets,
-    resolve_config,
-)
+from tinygemma.train.config import TrainConfig, load_recipe, parse_sets, resolve_config
+from tinygemma.train.optim import lr_at
+from tinygemma.train.sampler import Sampler
 
 # small and fast: 4 x 32 tokens per micro-batch, accumulation 2; all-AdamW unless a test asks for Muon
 BASE = ["--recipe", "adamw", "--model", "tiny", "--block-size", "32", "--micro-batch", "4", "--grad-accum", "2",
@@ -301,7 +296,7 @@ def test_nonfinite_values_stop_and_keep_last_checkpoint(data_dir, tmp_path, caps
 
 # -- fp16 with loss scaling, out of memory ----------------------------------------------------------------
 def test_fp16_overflow_is_skipped_lowers_the_scale_and_resumes_with_it(data_dir, tmp_path, monkeypatch, capsys):
-    from tinygemma import trainer as train_module  # the module that calls forward_backward
+    from tinygemma.train import trainer as train_module  # the module that calls forward_backward
 
     real = train_module.forward_backward
     calls = []
@@ -331,7 +326,7 @@ def test_fp16_overflow_is_skipped_lowers_the_scale_and_resumes_with_it(data_dir,
 
 
 def test_cuda_out_of_memory_is_one_line_naming_the_fix(data_dir, tmp_path, monkeypatch, capsys):
-    from tinygemma import trainer as train_module  # the module that calls forward_backward
+    from tinygemma.train import trainer as train_module  # the module that calls forward_backward
 
     real, calls = train_module.forward_backward, []
 

@@ -8,14 +8,11 @@ one-line message instead of a traceback.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
-import os
 import types
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -111,46 +108,6 @@ def load_json(path: str | Path) -> Any:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
-def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
-    """``write(tmp)`` then rename over ``path``: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # nothing half-written is left behind
-        raise
-
-
-def follow_umask(path: str | Path, folder: bool = False) -> None:
-    """Give ``path`` the mode a plain ``open()`` or ``mkdir()`` would (safetensors files are created 0600,
-    ``tempfile.mkdtemp`` folders 0700, which would hide an export from the user's group)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
-
-
-def check_output_file(path: str | Path, flag: str) -> Path:
-    """Refuse, before any work is done, an output file that cannot be written: a folder in its place, a
-    file where a parent folder should be, or a parent that is not writable (missing parents are created)."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{flag} {path}: is a folder; give a file name")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: {parent} is not writable")
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4); the value is JSON, or else a plain string."""
     key, sep, raw = text.partition("=")
@@ -161,33 +118,3 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except json.JSONDecodeError:
         value = raw
     return key.strip().split("."), value
-
-
-def cli_flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one ``--flag`` per scalar field of ``cls``; unset flags stay None (no override)."""
-    hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__)
-    for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
-            continue
-        tp = hints[f.name]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        base = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
-        default = f.default if f.default is not dataclasses.MISSING else None
-        helptext = (f.metadata.get("help", "") + f" (default: {default})").strip()
-        if base is bool:
-            group.add_argument(cli_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=helptext)
-        elif base in (int, float, str):
-            group.add_argument(cli_flag(f.name), dest=f.name, type=base, default=None, help=helptext)
-        # lists and nested dataclasses are set with --set or a config file
-
-
-def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The fields of ``cls`` that were given on the command line."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}

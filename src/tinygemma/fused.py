@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+IGNORE = -100  # cross_entropy's ignore_index: targets not trained on
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Gemma's RMSNorm and its 1/rms: statistics in float32, scale by ``1 + weight``, back to x's dtype."""

@@ -13,56 +13,19 @@ together with ``max_new_tokens`` loses its oldest tokens (left truncation).
 
 from __future__ import annotations
 
-import argparse
 import codecs
-import json
-import os
-import sys
-import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict
-from tinygemma.model import FULL, SLIDING, Gemma3, ModelConfig
-from tinygemma.run import resolve_checkpoint
+from tinygemma.config import UserError
+from tinygemma.model import FULL, SLIDING, Gemma3
+from tinygemma.rundir import resolve_checkpoint
+from tinygemma.sampling import SamplingConfig
 from tinygemma.tokenizer import Tokenizer
-
-# The tutorial's five story openings: the samples report's prompts and the studio's examples.
-TUTORIAL_PROMPTS = [
-    "Once upon a time there was a pumpkin.",
-    "A little girl went to the woods",
-    "A boy told his sister a bedtime story about a flying cat",
-    "The kids sat in a circle while Uncle narrated a story about a brave knight",
-    "Dad was telling the kids an adventure tale about a pirate ship",
-]
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = field(default=200, metadata={"help": "tokens to generate per sample at most"})
-    temperature: float = field(default=0.8, metadata={"help": "softmax temperature; 0 means greedy"})
-    top_k: int = field(default=50, metadata={"help": "keep the k most likely tokens; 0 keeps all"})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus: smallest set with this probability mass"})
-    greedy: bool = field(default=False, metadata={"help": "always take the most likely token"})
-    seed: int | None = field(default=None, metadata={"help": "random seed (reproducible samples)"})
-    num_samples: int = field(default=1, metadata={"help": "samples per prompt"})
-
-    def __post_init__(self):
-        if self.max_new_tokens <= 0:
-            raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if not self.temperature >= 0:  # NaN too
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0, got {self.top_k}")
-        if self.num_samples <= 0:
-            raise UserError(f"num_samples must be positive, got {self.num_samples}")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Gemma3:
@@ -355,167 +318,3 @@ def top_next_tokens(model: Gemma3, tokenizer: Tokenizer, prompt: str, k: int = 1
     probs = next_token_probs(logits, temperature, top_k, top_p)[0]
     values, tokens = torch.topk(probs, k)
     return [(tokenizer.decode([t]), p) for t, p in zip(tokens.tolist(), values.tolist(), strict=True)]
-
-
-# -- CLI -----------------------------------------------------------------------------------------
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def add_checkpoint_arg(p: argparse.ArgumentParser, metavar: str = "CKPT") -> None:
-    p.add_argument("checkpoint", metavar=metavar,
-                   help="a checkpoint folder, or a run folder (then its best/; see resolve_checkpoint)")
-
-
-def add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=default_device(), help="cpu, cuda, ... (default: cuda if available)")
-
-
-def parse_device(name: str | torch.device) -> torch.device:
-    """``--device`` of every command: a torch device that exists here, or a one-line UserError."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f"--device {name}: unknown device (try cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available on this machine")
-    return device
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes ``device`` can hold at most: free GPU memory, or the machine's physical memory for a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not a POSIX system: nothing to compare with
-        return None
-
-
-def check_memory(need: int, device: torch.device, what: str, flag: str) -> None:
-    """Refuse a job whose (lower-bound) estimate ``need`` cannot fit at all, before anything is allocated."""
-    have = available_memory(device)
-    if have is not None and need > have:
-        raise UserError(f"{what} needs at least ~{need / 2**30:,.1f} GiB, but the {device.type} has "
-                        f"{have / 2**30:,.1f} GiB; lower {flag}")
-
-
-def generation_bytes(mc: ModelConfig, rows: int, total: int, dtype: torch.dtype) -> int:
-    """What :func:`stream` allocates beyond the weights: every layer's key/value buffers (sliding layers hold
-    at most a window) for ``rows`` rows of ``total`` columns, and a float32 row of logits per row."""
-    size = torch.finfo(dtype).bits // 8
-    cache = sum(min(mc.sliding_window, total) if t == SLIDING else total for t in mc.layer_types)
-    return 2 * rows * mc.num_kv_heads * mc.head_dim * cache * size + 4 * rows * mc.vocab_size
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype names (generate, serve, export)
-
-
-def inference_dtype(name: str, device: str | torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA (what inference there runs in), fp32 elsewhere (CPUs gain nothing from bf16
-    matrix-vector products, see bench/generate.py); else ``bf16`` / ``fp32``."""
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-def add_dtype_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="weights and activations: auto = bf16 on CUDA, fp32 elsewhere")
-
-
-def sampling_config_from_args(args: argparse.Namespace) -> SamplingConfig:
-    return from_dict(SamplingConfig, dataclass_overrides(args, SamplingConfig), "sampling")
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from tinygemma.instruct import prompt_from_args  # instruct imports this module
-
-    cfg = sampling_config_from_args(args)
-    prompts = args.prompt if args.prompt else [""]
-    if (instructions := prompt_from_args(args)) is not None:  # TinyStories-Instruct header; --prompt opens the story
-        prompts = [instructions + p for p in prompts]
-    device = parse_device(args.device)
-    model = load_checkpoint(args.checkpoint, device=device, dtype=inference_dtype(args.dtype, device))
-    tok = Tokenizer()
-    prompt_ids = encode_prompts(tok, prompts)
-    keep = prompt_room(model.config.context_length, cfg.max_new_tokens)
-    if any(len(p) > keep for p in prompt_ids):
-        print(f"tinygemma generate: warning: prompt longer than {keep} tokens "
-              f"(context {model.config.context_length} - max_new_tokens); keeping its last {keep}", file=sys.stderr)
-    rows = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]
-    columns = min(max(map(len, prompt_ids)) + 1 + cfg.max_new_tokens, model.config.context_length)
-    need = generation_bytes(model.config, len(rows), columns, model.lm_head.weight.dtype)
-    check_memory(need, device, f"generating {len(rows)} rows", "--num-samples or --max-new-tokens")
-    live = not args.no_stream and not args.json and len(rows) == 1
-    printer = _RowPrinter(tok, prompts, rows, live)
-    if live:
-        print(prompts[0], end="", flush=True)
-    t0 = time.perf_counter()
-    done = generate_rows(model, prompt_ids, cfg, compile=args.compile,
-                         on_token=None if args.json else printer.on_token)
-    elapsed = time.perf_counter() - t0
-    n_tokens = sum(map(len, done.tokens)) + sum(done.ended)
-    if args.json:
-        print(json.dumps({"config": asdict(cfg), "tokens_per_s": n_tokens / elapsed, "samples": [
-            {"prompt": prompts[p], "sample": s, "text": tok.decode(ids), "tokens": ids, "ended_with_eot": e}
-            for (p, s), ids, e in zip(rows, done.tokens, done.ended, strict=True)]}, indent=2))
-        return 0
-    printer.finish(done)
-    print(f"[{n_tokens} tokens in {elapsed:.2f} s, {n_tokens / elapsed:.1f} tokens/s]", file=sys.stderr)
-    return 0
-
-
-class _RowPrinter:
-    """The terminal side of ``tinygemma generate``: one row streams token by token; several rows are printed
-    whole, in order, each as soon as it and all rows before it have ended."""
-
-    def __init__(self, tok: Tokenizer, prompts: list[str], rows: list[tuple[int, int]], live: bool):
-        self.tok, self.prompts, self.rows, self.live = tok, prompts, rows, live
-        self.text = TextStream(tok)
-        self.printed = 0
-
-    def on_token(self, done: Completions, row: int, token: int) -> None:
-        if self.live:
-            if token != self.tok.eot_id:
-                print(self.text.push(token), end="", flush=True)
-        else:
-            self._flush(done, final=False)
-
-    def _flush(self, done: Completions, final: bool) -> None:
-        while self.printed < len(self.rows) and (final or done.ended[self.printed]):
-            p, s = self.rows[self.printed]
-            if len(self.rows) > 1:
-                print(f"--- prompt {p + 1}, sample {s + 1} ---")
-            print(self.prompts[p] + self.tok.decode(done.tokens[self.printed]), flush=True)
-            self.printed += 1
-
-    def finish(self, done: Completions) -> None:
-        if self.live:
-            print(self.text.flush())
-        else:
-            self._flush(done, final=True)
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="write stories from a checkpoint (KV-cache sampling)",
-                       description="Sample stories from a checkpoint. Every prompt is preceded by <|endoftext|>; "
-                                   "prompts too long for the context lose their oldest tokens.")
-    add_checkpoint_arg(p)
-    p.add_argument("--prompt", action="append", help="story opening (repeatable; default: an empty prompt)")
-    from tinygemma.instruct import add_instruction_args  # instruct imports this module
-
-    add_instruction_args(p)
-    add_dataclass_args(p, SamplingConfig)
-    p.add_argument("--no-stream", action="store_true", help="print each story once finished")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_device_arg(p)
-    add_dtype_arg(p)
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: CUDA graphs on a GPU; ~1.2x on a CPU after a 20-30 s compile")
-    p.set_defaults(func=_generate)

@@ -27,14 +27,20 @@ import numpy as np
 import torch
 
 from tinygemma.config import UserError
-from tinygemma.export import _count
+from tinygemma.hf_folder import human_count
 from tinygemma.model import FULL, SLIDING, Gemma3, ModelConfig
-from tinygemma.run import resolve_checkpoint
+from tinygemma.rundir import resolve_checkpoint
 from tinygemma.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, get_encoding
 
 ARCH = "gemma3"
+
+
 GGUF_DTYPES = ("f32", "f16", "q8_0")
+
+
 SWA_PERIOD, LOCAL_BASE = 6, 10_000.0  # what llama.cpp assumes for gemma3 where it does not read the file
+
+
 Q8_BLOCK = 32  # q8_0 quantises rows in blocks of 32 values
 
 
@@ -109,7 +115,7 @@ def _add_metadata(w, cfg: ModelConfig, name: str, dtype: str) -> None:
     import gguf
 
     w.add_name(name)
-    w.add_description(f"A {_count(cfg.param_breakdown()['total'])}-parameter Gemma 3 text model trained from "
+    w.add_description(f"A {human_count(cfg.param_breakdown()['total'])}-parameter Gemma 3 text model trained from "
                       "scratch (no Gemma weights) on TinyStories, short English stories for young children, "
                       "with the GPT-2 tokenizer; made with tinygemma.")
     w.add_license("apache-2.0")

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tinygemma.config import UserError, atomic_write, atomic_write_text, follow_umask, from_dict, load_json
+from tinygemma.config import UserError, from_dict, load_json
+from tinygemma.files import atomic_write, atomic_write_text, follow_umask
 from tinygemma.fused import LinearCrossEntropy, RMSNormFunction, rms_norm
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -388,4 +389,3 @@ class Gemma3(nn.Module):
                             f"{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}); use an earlier one")
         model.load_state_dict(state, strict=False)  # strict=False only for the tied lm_head
         return model.to(device=device, dtype=dtype)
-

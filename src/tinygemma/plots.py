@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tinygemma.config import atomic_write
+from tinygemma.files import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -29,15 +29,30 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tinygemma.config import UserError, atomic_write_text, load_json
+from tinygemma.config import UserError, load_json
+from tinygemma.files import atomic_write_text
 
 BEST = "best"
+
+
 METRICS = "metrics.jsonl"
+
+
 RUN_CONFIG = "run_config.json"
+
+
 TRAINER_STATE = "trainer_state.json"
+
+
 LOCK = ".lock"
+
+
 MODEL_FILES = ("config.json", "model.safetensors")
+
+
 TRAINER_FILES = ("optimizer.pt", "rng_state.pt", TRAINER_STATE, RUN_CONFIG)
+
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 

@@ -12,41 +12,24 @@ the same global batch. Nothing else in the loop draws random numbers.
 
 from __future__ import annotations
 
-import json
-import os
-import random
-import resource
-import signal
-import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from tinygemma import run
 from tinygemma.config import UserError, from_dict, load_json, parse_override
-from tinygemma.evaluate import write_samples_report
-from tinygemma.export import write_hf_files
-from tinygemma.generate import SamplingConfig, default_device, parse_device
-from tinygemma.model import Gemma3, ModelConfig
-from tinygemma.optim import OPTIMIZERS, PRECISIONS, Optimizers, Precision, lr_factor
-from tinygemma.tokenizer import Tokenizer
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
+
+
 BUDGET_KEYS = ("max_steps", "max_tokens", "time_budget")
+
+
 MUON_KEYS = ("muon_lr", "muon_weight_decay", "muon_momentum")
+
+
 # Keys that may change when resuming (budget, bookkeeping); anything else would silently change the run.
 RESUMABLE_KEYS = {*BUDGET_KEYS, "data", "out", "eval_interval", "save_interval", "log_interval", "keep_last",
                   "compile", "progress", "wandb", "wandb_project", "nonfinite", "peak_tflops", "device"}
-# Dense bf16 tensor-core peak per GPU in TFLOP/s (vendor datasheets, no sparsity); matched as a
-# substring of torch.cuda.get_device_name(), first match wins. MFU = achieved FLOP/s / peak.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-               ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
-               ("A6000", 155.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.0),
-               ("RTX 3090", 71.0))
 
 
 @dataclass
@@ -203,189 +186,7 @@ def resolve_config(base: dict[str, Any], overrides: dict[str, Any]) -> TrainConf
     return from_dict(TrainConfig, merged, "config")
 
 
-# -- data -----------------------------------------------------------------------------------------------
-class Sampler:
-    """Random windows of block_size + 1 tokens; the global batch of a step depends only on (seed, step)."""
-
-    kind = "random_windows"
-
-    def __init__(self, tokens: np.ndarray, block_size: int, micro_batch: int, grad_accum: int,
-                 rank: int, world: int, seed: int):
-        self.tokens, self.block, self.micro, self.accum = tokens, block_size, micro_batch, grad_accum
-        self.rank, self.world, self.seed = rank, world, seed
-
-    def _choices(self) -> int:
-        return len(self.tokens) - self.block  # window starts
-
-    def _batch(self, starts: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.stack([self.tokens[i: i + self.block + 1] for i in starts]).astype(np.int64))
-
-    def _draw(self, rng: np.random.Generator, count: int) -> list:
-        """``count`` global batches from ``rng``; this rank's slice of each."""
-        picks = rng.integers(0, self._choices(), size=(count, self.world, self.micro))
-        return [self._batch(picks[i, self.rank]) for i in range(count)]
-
-    def step_batches(self, step: int) -> list:
-        """This rank's micro-batches for optimizer step ``step``: grad_accum tensors of (micro, block+1)."""
-        return self._draw(np.random.default_rng([self.seed, 0, step]), self.accum)
-
-    def fixed_batches(self, purpose: int, count: int) -> list:
-        """``count`` global batches that are the same at every evaluation."""
-        return self._draw(np.random.default_rng([self.seed, purpose]), count)
-
-    def state(self) -> dict[str, Any]:
-        return {"kind": self.kind, "seed": self.seed, "world": self.world, "micro_batch": self.micro,
-                "grad_accum": self.accum, "block_size": self.block}
+OPTIMIZERS = ("adamw", "muon")
 
 
-class RecordSampler(Sampler):
-    """Fine-tuning: whole instruct records, one per row from its start (padded, never packed, so no row
-    attends across records); batches are (x, y) with y = -100 where the loss does not train."""
-
-    kind = "random_records"
-
-    def _choices(self) -> int:
-        return len(self.tokens)  # records of an InstructDataset
-
-    def _batch(self, records: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tokens.batch(records, self.block)
-
-
-# -- schedule -------------------------------------------------------------------------------------------
-def lr_at(cfg: TrainConfig, step: int, total_steps: int | None) -> float:
-    """The AdamW groups' LR at ``step``: ``lr`` times the schedule (:func:`tinygemma.optim.lr_factor`)."""
-    return cfg.lr * lr_factor(cfg, step, total_steps)
-
-
-# -- device, precision, optimizer -----------------------------------------------------------------------
-def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    device = parse_device(default_device() if cfg.device == "auto" else cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return device
-
-
-def training_bytes(mc: ModelConfig, cfg: TrainConfig) -> int:
-    """A lower bound of one process's training memory: 16 bytes per parameter (fp32 weights, gradients and
-    AdamW's two moments) plus, per token of a micro-batch, the float32 activations backward keeps in every
-    layer (at least the block's input, attention output, and the MLP's gate and up projections)."""
-    per_token = mc.num_layers * (2 * mc.hidden_size + 2 * mc.intermediate_size) * 4
-    return 16 * mc.param_breakdown()["total"] + cfg.micro_batch * cfg.block_size * per_token
-
-
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
-    if cfg.peak_tflops is not None:
-        return cfg.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None  # no honest single number for CPUs: set peak_tflops to get MFU there
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS if key in name), None)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def forward_backward(step_model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                     precision: Precision) -> torch.Tensor:
-    """Accumulate the gradient of one optimizer step over ``batches`` (x, y).
-
-    ``step_model`` is what runs the batches (plain, compiled and/or DDP-wrapped).
-    Each micro-loss is divided by the number of micro-batches, so the gradient is that of one big batch;
-    under DDP, gradients are all-reduced only on the last micro-batch. Returns the mean loss, still on the
-    device (no host sync here).
-    """
-    ddp = isinstance(step_model, torch.nn.parallel.DistributedDataParallel)
-    loss_sum = None
-    for i, (x, y) in enumerate(batches):
-        with nullcontext() if (not ddp or i == len(batches) - 1) else step_model.no_sync():
-            with precision.autocast():
-                _, loss = step_model(x, y, return_logits=False)
-            precision.backward(loss / len(batches))
-        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
-    return loss_sum / len(batches)
-
-
-# -- checkpoints ----------------------------------------------------------------------------------------
-def rng_states() -> dict[str, Any]:
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"bit_generator": np_state["bit_generator"],
-                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
-        "python": random.getstate(),
-    }
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    n = states["numpy"]
-    np.random.set_state({"bit_generator": n["bit_generator"], "state": {"key": n["key"].numpy().astype(np.uint32),
-                         "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def write_samples(model: Gemma3, out: Path, step: int, seed: int) -> list[str]:
-    """The samples report of the tutorial's prompts (``OUT/samples.md`` + ``.html``); returns the stories."""
-    report = write_samples_report(model, Tokenizer(), out / "samples.md", cfg=SamplingConfig(max_new_tokens=150,
-                                  seed=seed), title=f"{out.name}: samples at step {step}")
-    return [f"{r['prompt']}{r['text']}" for r in report["samples"]]
-
-
-def write_checkpoint(folder: Path, model: Gemma3, optimizer: Optimizers, state: dict[str, Any],
-                     run_config: dict[str, Any], card: dict[str, Any] | None = None) -> Path:
-    """Write one complete checkpoint folder atomically: everything goes to ``.tmp-NAME`` and is then renamed.
-
-    Contents: a complete Hugging Face model (config.json, model.safetensors, tokenizer files,
-    generation_config.json, README.md model card from ``card``) plus optimizer.pt, rng_state.pt,
-    trainer_state.json and run_config.json. ``model`` is the plain module (never compiled/DDP-wrapped).
-    """
-    tmp = run.temp_dir(folder)
-    model.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng_states(), tmp / "rng_state.pt")
-    (tmp / run.TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
-    (tmp / run.RUN_CONFIG).write_text(json.dumps(run_config, indent=2) + "\n")
-    write_hf_files(tmp, card)
-    run.replace_dir(tmp, folder)
-    return folder
-
-
-def load_torch(path: Path, device: torch.device) -> Any:
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated zip, pickle refused by weights_only, ...
-        raise UserError(f"{path}: unreadable or corrupt ({type(e).__name__})") from None
-
-
-class Stop:
-    """SIGINT/SIGTERM: the first asks for a checkpoint and a clean exit; a second one exits at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            os._exit(128 + signum)
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: writing a checkpoint, then exiting (again to exit now)",
-              file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")

@@ -19,9 +19,7 @@ import torch
 
 from tinygemma.config import UserError
 from tinygemma.model import Gemma3
-
-OPTIMIZERS = ("adamw", "muon")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+from tinygemma.train.config import PRECISIONS, TrainConfig
 
 
 # -- schedule -------------------------------------------------------------------------------------------
@@ -193,3 +191,9 @@ def explain_oom(micro_batch: int, block_size: int, grad_accum: int, last_good: C
         raise UserError(f"CUDA out of memory in a training step at micro-batch {micro_batch}, block size "
                         f"{block_size}: lower --micro-batch and raise --grad-accum{keep}, or lower --block-size; "
                         f"last good checkpoint: {last_good()}") from None
+
+
+# -- schedule -------------------------------------------------------------------------------------------
+def lr_at(cfg: TrainConfig, step: int, total_steps: int | None) -> float:
+    """The AdamW groups' LR at ``step``: ``lr`` times the schedule (:func:`tinygemma.optim.lr_factor`)."""
+    return cfg.lr * lr_factor(cfg, step, total_steps)

@@ -11,13 +11,14 @@ Everything the loop carries from step to step is in :class:`TrainState` (saved i
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,35 +26,62 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tinygemma import run
-from tinygemma.config import UserError, add_dataclass_args, dataclass_overrides, from_dict, to_dict
-from tinygemma.data import TokenDataset
-from tinygemma.generate import check_memory
-from tinygemma.instruct import InstructDataset
+from tinygemma import rundir
+from tinygemma.config import UserError, from_dict, to_dict
+from tinygemma.data.dataset import TokenDataset
+from tinygemma.device import check_memory
 from tinygemma.model import Gemma3, ModelConfig, load_model_config
-from tinygemma.optim import Precision, build_optimizer, explain_oom, lr_factor, set_lr
 from tinygemma.plots import write_plots
 from tinygemma.tokenizer import EOT_ID, VOCAB_SIZE
-from tinygemma.train import (
-    RESUMABLE_KEYS,
-    RecordSampler,
-    Sampler,
-    Stop,
-    TrainConfig,
-    forward_backward,
-    load_recipe,
-    load_torch,
-    lr_at,
-    parse_sets,
-    peak_flops,
-    peak_memory_mb,
-    pick_device,
-    resolve_config,
-    set_rng_states,
-    training_bytes,
-    write_checkpoint,
-    write_samples,
-)
+from tinygemma.train.checkpoint import load_torch, set_rng_states, write_checkpoint
+from tinygemma.train.config import RESUMABLE_KEYS, TrainConfig, load_recipe, resolve_config
+from tinygemma.train.hardware import peak_flops, peak_memory_mb, pick_device, training_bytes
+from tinygemma.train.optim import Precision, build_optimizer, explain_oom, lr_at, lr_factor, set_lr
+from tinygemma.train.sampler import InstructDataset, RecordSampler, Sampler
+
+
+def forward_backward(step_model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     precision: Precision) -> torch.Tensor:
+    """Accumulate the gradient of one optimizer step over ``batches`` (x, y).
+
+    ``step_model`` is what runs the batches (plain, compiled and/or DDP-wrapped).
+    Each micro-loss is divided by the number of micro-batches, so the gradient is that of one big batch;
+    under DDP, gradients are all-reduced only on the last micro-batch. Returns the mean loss, still on the
+    device (no host sync here).
+    """
+    ddp = isinstance(step_model, torch.nn.parallel.DistributedDataParallel)
+    loss_sum = None
+    for i, (x, y) in enumerate(batches):
+        with nullcontext() if (not ddp or i == len(batches) - 1) else step_model.no_sync():
+            with precision.autocast():
+                _, loss = step_model(x, y, return_logits=False)
+            precision.backward(loss / len(batches))
+        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+    return loss_sum / len(batches)
+
+
+class Stop:
+    """SIGINT/SIGTERM: the first asks for a checkpoint and a clean exit; a second one exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: writing a checkpoint, then exiting (again to exit now)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -105,14 +133,20 @@ def _dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+# (model, run folder, step, seed) -> the stories of the samples report it wrote
+SamplesWriter = Callable[[Gemma3, Path, int, int], list[str]]
+
+
 class Trainer:
     """Train one run. ``overrides`` are TrainConfig fields on top of ``recipe`` (a new run) or of the resumed
     checkpoint's config; ``resume`` is ``"auto"`` (the newest checkpoint in ``out``) or a checkpoint folder."""
 
     def __init__(self, overrides: dict[str, Any], *, recipe: str | None = None, resume: str | None = None,
-                 force: bool = False):
+                 force: bool = False, write_samples: SamplesWriter | None = None):
         if resume and force:
             raise UserError("--resume and --force contradict each other")
+        # the samples report is evaluation's: it comes in as a callback, so training imports no decoding
+        self.write_samples = write_samples
         self.rank, self.world, self.local_rank = _dist_env()
         self.master = self.rank == 0
         self._exit = ExitStack()  # the run folder's lock, W&B
@@ -122,11 +156,13 @@ class Trainer:
             self.saved_scaler: dict | None = None  # the loss scaler's state in the resumed checkpoint
             self.ckpt = self._find_checkpoint(resume)
             self.cfg, self.recipe, self.state = self._resolve(overrides, recipe)
+            if self.cfg.samples and write_samples is None:
+                raise ValueError("samples=True needs write_samples (e.g. tinygemma.eval.samples.write_samples)")
             self.setup(resume, force)
             if self.ckpt is not None:
                 self.resume()
             if self.master:  # only now: a refused resume leaves the run folder as it was
-                run.write_run_config(self.out, self.run_config)
+                rundir.write_run_config(self.out, self.run_config)
                 print("resolved config:\n" + json.dumps(self.run_config, indent=2), flush=True)
         except BaseException:
             self.close()
@@ -140,28 +176,28 @@ class Trainer:
             return None
         if self.master:
             self._lock()
-        return run.latest_checkpoint(self.out)
+        return rundir.latest_checkpoint(self.out)
 
     def _lock(self) -> None:
         """One trainer per run folder; then tidy what a crash left (under the lock: another trainer's temp
         folders are not ours to tidy)."""
-        self._exit.enter_context(run.lock(self.out))
+        self._exit.enter_context(rundir.lock(self.out))
         self._locked = True
-        run.recover(self.out)
+        rundir.recover(self.out)
 
     def _resolve(self, overrides: dict[str, Any], recipe: str | None) -> tuple[TrainConfig, str, TrainState]:
         """The config (recipe or checkpoint, then overrides), the recipe's name and the starting state."""
         if self.ckpt is None:
             recipe = recipe or "default"
             return resolve_config(load_recipe(recipe), overrides), recipe, TrainState()
-        saved_state, saved = run.read_checkpoint_meta(self.ckpt)
+        saved_state, saved = rundir.read_checkpoint_meta(self.ckpt)
         if recipe is not None and recipe != saved.get("recipe"):
             raise UserError(f"--recipe {recipe} differs from the checkpoint's ({saved.get('recipe')})")
         base = saved["train"]
         changed = sorted(k for k in overrides if k not in RESUMABLE_KEYS and overrides[k] != base.get(k))
         if changed:
             raise UserError(f"cannot change {', '.join(changed)} when resuming {self.ckpt}")
-        state = TrainState.from_checkpoint(saved_state, str(self.ckpt / run.TRAINER_STATE))
+        state = TrainState.from_checkpoint(saved_state, str(self.ckpt / rundir.TRAINER_STATE))
         self.saved_scaler = saved_state.get("scaler")
         return resolve_config(base, overrides), saved.get("recipe"), state
 
@@ -205,7 +241,7 @@ class Trainer:
 
     def _warn_new_data(self) -> None:
         """Resuming on other training tokens is allowed (e.g. more data) but never silent."""
-        saved = (run.read_run_config(self.ckpt) or {}).get("data_meta") if self.ckpt is not None else None
+        saved = (rundir.read_run_config(self.ckpt) or {}).get("data_meta") if self.ckpt is not None else None
         now = self.run_config["data_meta"].get("train")
         if isinstance(saved, dict) and saved.get("train") not in (None, now):
             print(f"warning: --data {self.cfg.data}: its train split (sha256 {now[:12]}) differs from the one "
@@ -231,9 +267,9 @@ class Trainer:
     def _check_new_run(self, resume: str | None, force: bool) -> None:
         out = self.out
         if force:
-            run.clear(out)
+            rundir.clear(out)
             return
-        previous = run.read_run_config(out)
+        previous = rundir.read_run_config(out)
         if previous is None:
             if resume == "auto" and self.master:
                 print(f"--resume auto: no checkpoint in {out}, starting a new run", file=sys.stderr)
@@ -279,7 +315,7 @@ class Trainer:
                          else f"{self.world} x CPU ({os.cpu_count()} cores)")
 
     def _setup_logging(self) -> None:
-        self.metrics = run.Metrics(self.out)
+        self.metrics = rundir.Metrics(self.out)
         self.records: list[dict] = []
         self.last_eval: dict[str, Any] = {"val_loss": None, "samples": []}
         self.wandb_run = None
@@ -421,7 +457,7 @@ class Trainer:
             print(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({norm}); step skipped", file=sys.stderr)
 
     def last_good(self) -> str:
-        found = run.checkpoints(self.out)
+        found = rundir.checkpoints(self.out)
         return str(found[-1][1]) if found else "none"
 
     def update_budget(self, result: StepResult) -> None:
@@ -464,7 +500,7 @@ class Trainer:
                "eval_train_loss": self._mean_loss(self.train_eval_batches)}
         self.last_eval["val_loss"] = out["val_loss"]
         if self.cfg.samples and self.master:
-            self.last_eval["samples"] = write_samples(self.model, self.out, self.state.step, self.cfg.seed)
+            self.last_eval["samples"] = self.write_samples(self.model, self.out, self.state.step, self.cfg.seed)
         return out
 
     def _mean_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -507,10 +543,10 @@ class Trainer:
                 or stopping)
         if self.master:
             if best:
-                self.save(run.BEST)
+                self.save(rundir.BEST)
             if save:
-                self.save(run.checkpoint_dir(self.out, state.step).name)
-                run.prune(self.out, cfg.keep_last)
+                self.save(rundir.checkpoint_dir(self.out, state.step).name)
+                rundir.prune(self.out, cfg.keep_last)
             if is_eval:
                 write_plots(self.records, self.out)
         if self.world > 1 and (is_eval or save):
@@ -520,7 +556,7 @@ class Trainer:
         state, cfg = self.state, self.cfg
         card = {"name": self.out.name, "step": state.step, "tokens_seen": state.tokens, "recipe": self.recipe,
                 "hardware": self.hardware, "training_time_s": state.train_time_s, "train_config": to_dict(cfg),
-                "val_loss": state.best_val_loss if name == run.BEST else self.last_eval["val_loss"],
+                "val_loss": state.best_val_loss if name == rundir.BEST else self.last_eval["val_loss"],
                 "val_tokens": cfg.eval_batches * cfg.micro_batch * cfg.block_size * self.world,
                 "samples": self.last_eval["samples"]}
         trainer_state = {**asdict(state),
@@ -547,60 +583,23 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, resume: str | None = None, force: bool = False, recipe: str | None = None) -> TrainState:
-    """Run training with a complete config; returns the final state. Works alone or under torchrun (DDP)."""
-    return Trainer(to_dict(cfg), recipe=recipe, resume=resume, force=force).fit()
-
-
-# -- command line ---------------------------------------------------------------------------------------
-def _common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resume", default=None, metavar="auto|CKPT", help="continue the latest checkpoint in --out "
-                                                                        "(auto) or a given checkpoint folder")
-    p.add_argument("--force", action="store_true", help="start over in an --out that holds another run")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field (repeatable), e.g. --set lr=3e-4")
-    add_dataclass_args(p, TrainConfig, skip=("finetune_from",))
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="pre-train a model on prepared data",
-                              description="Pre-train a Gemma 3 preset; flags override the recipe, --set KEY=VALUE "
-                                          "sets any TrainConfig field.")
-    p.add_argument("--recipe", default=None, help="default (= muon) | muon | adamw | tutorial | a JSON file "
-                                                  "(default: default)")
-    _common_args(p)
-    p.set_defaults(func=_main)
-    p = subparsers.add_parser("finetune", help="fine-tune a checkpoint on instruct records (masked loss)",
-                              description="Continue a pre-trained checkpoint on TinyStories-Instruct records made by "
-                                          "`tinygemma prepare --instruct` or `--derive-instructions`: one record per "
-                                          "sequence, the loss on the story and its final <|endoftext|> only. The "
-                                          "same run folder, resume, signals and metrics as train.")
-    p.add_argument("checkpoint", metavar="CKPT", help="the pre-trained checkpoint (or run folder: its best/)")
-    p.add_argument("--recipe", default=None, help="finetune | a JSON file (default: finetune)")
-    _common_args(p)
-    p.set_defaults(func=_finetune)
-
-
-def _main(args: argparse.Namespace) -> int:
-    overrides = {**dataclass_overrides(args, TrainConfig), **parse_sets(args.sets)}
-    Trainer(overrides, recipe=args.recipe, resume=args.resume, force=args.force).fit()
-    return 0
-
-
-def _finetune(args: argparse.Namespace) -> int:
-    overrides = {**dataclass_overrides(args, TrainConfig), **parse_sets(args.sets)}
-    finetune(args.checkpoint, overrides, recipe=args.recipe, resume=args.resume, force=args.force)
-    return 0
+def train(cfg: TrainConfig | dict[str, Any], resume: str | None = None, force: bool = False,
+          recipe: str | None = None, write_samples: SamplesWriter | None = None) -> TrainState:
+    """Run training with a complete config, or with config fields over ``recipe``; returns the final state.
+    Works alone or under torchrun (DDP). ``write_samples`` (e.g. :func:`tinygemma.eval.samples.write_samples`)
+    writes the samples report at each evaluation when the config asks for one."""
+    overrides = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    return Trainer(overrides, recipe=recipe, resume=resume, force=force, write_samples=write_samples).fit()
 
 
 def finetune(checkpoint: str | Path, overrides: dict[str, Any], *, recipe: str | None = None,
-             resume: str | None = None, force: bool = False) -> TrainState:
+             resume: str | None = None, force: bool = False, write_samples: SamplesWriter | None = None) -> TrainState:
     """Fine-tune ``checkpoint`` on the instruct records of ``overrides["data"]``; the model is the checkpoint's."""
-    start = run.resolve_checkpoint(checkpoint).resolve()
+    start = rundir.resolve_checkpoint(checkpoint).resolve()
     model_cfg = ModelConfig.from_folder(start)
     if model_cfg.vocab_size != VOCAB_SIZE or model_cfg.eot_token_id != EOT_ID:
         raise UserError(f"{start}: not a GPT-2-tokenizer model (vocab {model_cfg.vocab_size}, end-of-text id "
                         f"{model_cfg.eot_token_id}); tinygemma's instruct data is GPT-2 tokens")
     overrides = {**overrides, "finetune_from": str(start), "model": str(start)}
     recipe = recipe or (None if resume else "finetune")  # a resumed run keeps its own
-    return Trainer(overrides, recipe=recipe, resume=resume, force=force).fit()
+    return Trainer(overrides, recipe=recipe, resume=resume, force=force, write_samples=write_samples).fit()

@@ -14,7 +14,6 @@ cannot be read (no folder, no metrics, no checkpoint, no data) gets a line sayin
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
@@ -23,28 +22,18 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tinygemma import instruct
-from tinygemma import run as runs
-from tinygemma.config import (
-    UserError,
-    add_dataclass_args,
-    atomic_write_text,
-    dataclass_overrides,
-    from_dict,
-    load_json,
-)
-from tinygemma.evaluate import (
-    MEASURES,
-    REPORT_SEED,
-    EvalConfig,
-    evaluate_checkpoint,
-    format_measure,
-    md_escape,
-    sample_report,
-)
-from tinygemma.generate import TUTORIAL_PROMPTS, SamplingConfig, add_device_arg, load_checkpoint
-from tinygemma.judge import AGE_GROUPS, CRITERIA
+from tinygemma import rundir
+from tinygemma.config import UserError, load_json
+from tinygemma.eval.instruct import INSTRUCT_MEASURES, rates
+from tinygemma.eval.judge import AGE_GROUPS, CRITERIA
+from tinygemma.eval.loss import EvalConfig, evaluate_checkpoint
+from tinygemma.eval.render import format_measure, md_escape
+from tinygemma.eval.samples import REPORT_SEED, SAMPLE_MEASURES, sample_report
+from tinygemma.files import atomic_write_text
+from tinygemma.generate import load_checkpoint
 from tinygemma.model import ModelConfig
+from tinygemma.prompts import TUTORIAL_PROMPTS
+from tinygemma.sampling import SamplingConfig
 from tinygemma.tokenizer import Tokenizer
 
 
@@ -81,7 +70,7 @@ def _optional_json(path: Path, problems: list[str]) -> dict | None:
 
 def _is_instruct_result(res: object) -> bool:
     try:
-        measures = instruct.rates(res).values()
+        measures = rates(res).values()
         return (all(isinstance(r["n"], int) for r in measures) and isinstance(res["records"], int)
                 and isinstance(res["story_loss"], float))
     except (KeyError, TypeError, AttributeError):
@@ -117,7 +106,7 @@ def collect_run(run: Path, cfg: ReportConfig, device: str = "cpu") -> dict:
         problems.append(f"{run}: no such run folder")
         return info
     try:
-        run_config = runs.read_run_config(run) or {}
+        run_config = rundir.read_run_config(run) or {}
     except UserError as e:
         problems.append(str(e))
         run_config = {}
@@ -126,8 +115,8 @@ def collect_run(run: Path, cfg: ReportConfig, device: str = "cpu") -> dict:
         info["model"] = {"name": run_config.get("train", {}).get("model", "?"),
                          "params": mc.param_breakdown()["total"]}
     info["recipe"] = run_config.get("recipe")
-    if (run / runs.METRICS).is_file():
-        info["metrics"] = runs.Metrics(run).read()
+    if (run / rundir.METRICS).is_file():
+        info["metrics"] = rundir.Metrics(run).read()
         vals = [r["val_loss"] for r in info["metrics"] if r.get("val_loss") is not None]
         last = info["metrics"][-1] if info["metrics"] else {}
         info.update(tokens=last.get("tokens"), wall_s=last.get("elapsed_s"),
@@ -140,7 +129,7 @@ def collect_run(run: Path, cfg: ReportConfig, device: str = "cpu") -> dict:
         info["instruct"] = None
     info["judge"] = _optional_json(run / "judge" / "judge_summary.json", problems)
     try:
-        ckpt = runs.resolve_checkpoint(run)
+        ckpt = rundir.resolve_checkpoint(run)
     except UserError as e:
         problems.append(f"no checkpoint ({e}): nothing evaluated or sampled")
         return info
@@ -261,8 +250,8 @@ def build_blocks(runs: list[dict], plots: list[str]) -> list[tuple]:
                                                                              "gap", "stories"))] for r in runs])]
     overall = [_get(r, "samples", "overall") for r in runs]
     b += [("h2", "Sample measures"),
-          ("table", ["run", *(label for _, label in MEASURES)],
-           [[r["name"], *(format_measure(k, o.get(k, math.nan)) if o else "–" for k, _ in MEASURES)]
+          ("table", ["run", *(label for _, label in SAMPLE_MEASURES)],
+           [[r["name"], *(format_measure(k, o.get(k, math.nan)) if o else "–" for k, _ in SAMPLE_MEASURES)]
             for r, o in zip(runs, overall, strict=True)])]
     b += _instruct_blocks(runs) + _judge_blocks(runs) + _sample_blocks(runs)
     return b
@@ -281,14 +270,14 @@ def _instruct_blocks(runs: list[dict]) -> list[tuple]:
 
     def row(name: str, res: dict) -> list[str]:
         return [name, _num(res["records"]), *(f"{c['rate']:.1%} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
-                                            if c["n"] else "–" for c in instruct.rates(res).values()),
+                                            if c["n"] else "–" for c in rates(res).values()),
                 _num(res["story_loss"])]
 
     return [("h2", "Instruction following"),
             ("p", "Share of stories that follow each instruction, with 95% Wilson intervals, and the masked story "
                   "loss, from each run's instruct_eval.json (`tinygemma eval RUN --instruct DATA --report "
                   "RUN/instruct_eval.json`)."),
-            ("table", ["run", "records", *instruct.MEASURES, "story loss"],
+            ("table", ["run", "records", *INSTRUCT_MEASURES, "story loss"],
              [row(name, res) for name, res in results.items()])]
 
 
@@ -391,23 +380,3 @@ def write_report(runs: list[str | os.PathLike], cfg: ReportConfig, device: str =
     atomic_write_text(out / "report.md", render_markdown(title, blocks))
     atomic_write_text(out / "report.html", render_html(title, blocks))
     return {"runs": collected, "files": ["report.md", "report.html", *plots]}
-
-
-def _report(args: argparse.Namespace) -> int:
-    cfg = from_dict(ReportConfig, dataclass_overrides(args, ReportConfig), "report")
-    res = write_report(args.runs, cfg, args.device)
-    for r in res["runs"]:
-        for p in r["problems"]:
-            print(f"  {r['name']}: {p}")
-    print(f"wrote {', '.join(str(Path(cfg.out) / f) for f in res['files'])}")
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="one Markdown + HTML results page comparing runs",
-                       description="Read what runs wrote, compute what is missing (cached in RUN/report_cache.json) "
-                                   "and write a results page with plots.")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
-    add_dataclass_args(p, ReportConfig)
-    add_device_arg(p)
-    p.set_defaults(func=_report)

@@ -1,6 +1,6 @@
 """Grade stories with an LLM judge: ``tinygemma judge``, the TinyStories paper's rubric.
 
-The model completes a set of story beginnings (the tutorial's five and ``prompts/judge_prompts.txt``,
+The model completes a set of story beginnings (the tutorial's five and ``eval/judge_prompts.txt``,
 seeded per prompt, so adding prompts never changes the others' completions). A judge model behind
 any OpenAI-compatible chat endpoint (``POST {endpoint}/chat/completions``: OpenAI, vLLM, llama.cpp's
 server, ollama) sees each beginning, the marker ``***`` and the continuation, and grades grammar,
@@ -17,7 +17,6 @@ exercise the protocol against a local fake endpoint.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -33,12 +32,21 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from tinygemma.config import UserError, add_dataclass_args, atomic_write_text, dataclass_overrides, from_dict
+from tinygemma.config import UserError
+from tinygemma.files import atomic_write_text
 
 RUBRIC_VERSION = "tinystories-paper-v1"  # part of the cache key: change it whenever RUBRIC changes
+
+
 CRITERIA = ("grammar", "creativity", "consistency", "plot")
+
+
 AGE_GROUPS = {"A": "3 or under", "B": "4-5", "C": "6-7", "D": "8-9", "E": "10-12", "F": "13-16"}
+
+
 MARKER = "***"
+
+
 RUBRIC = """In the following exercise, the student is given the beginning of a story and has to complete it \
 into a full story. The exercise tests the student's language abilities and creativity. The symbol *** marks \
 where the given beginning ends and the student's completion starts:
@@ -84,10 +92,10 @@ class JudgeConfig:
 
 
 def default_prompts() -> list[str]:
-    """The tutorial's five beginnings, then the project's own (``prompts/judge_prompts.txt``)."""
-    from tinygemma.generate import TUTORIAL_PROMPTS
+    """The tutorial's five beginnings, then the project's own (``eval/judge_prompts.txt``)."""
+    from tinygemma.prompts import TUTORIAL_PROMPTS
 
-    text = resources.files("tinygemma").joinpath("prompts/judge_prompts.txt").read_text(encoding="utf-8")
+    text = resources.files("tinygemma.eval").joinpath("judge_prompts.txt").read_text(encoding="utf-8")
     return TUTORIAL_PROMPTS + [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -279,7 +287,8 @@ def judge_checkpoint(checkpoint: str | os.PathLike, cfg: JudgeConfig, sampling=N
                      cache: str | os.PathLike | None = None, device: str = "cpu", progress: bool = False) -> dict:
     """Complete ``prompts`` (default: :func:`default_prompts`) with the checkpoint, grade them, write
     ``OUT/grades.jsonl`` and ``OUT/judge_summary.json`` (OUT defaults to ``CHECKPOINT/judge``); the summary."""
-    from tinygemma.generate import SamplingConfig, load_checkpoint
+    from tinygemma.generate import load_checkpoint
+    from tinygemma.sampling import SamplingConfig
     from tinygemma.tokenizer import Tokenizer
 
     if not cfg.endpoint or not cfg.judge_model:
@@ -293,37 +302,3 @@ def judge_checkpoint(checkpoint: str | os.PathLike, cfg: JudgeConfig, sampling=N
     atomic_write_text(out / "grades.jsonl", "".join(json.dumps(r) + "\n" for r in results))
     atomic_write_text(out / "judge_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _judge(args: argparse.Namespace) -> int:
-    from tinygemma.evaluate import read_prompts
-    from tinygemma.generate import sampling_config_from_args
-
-    cfg = from_dict(JudgeConfig, dataclass_overrides(args, JudgeConfig), "judge")
-    sampling = sampling_config_from_args(args)  # seed and num_samples are replaced per prompt
-    prompts = read_prompts(args.prompts) if args.prompts else None
-    s = judge_checkpoint(args.checkpoint, cfg, sampling, args.out, prompts, args.cache, args.device, progress=True)
-    for name, c in s["criteria"].items():
-        print(f"{name:<12} {c['mean']:5.2f}  95% [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]  n={c['n']}")
-    ages = ", ".join(f"{g} ({AGE_GROUPS[g]}): {n}" for g, n in s["age_groups"].items() if n)
-    print(f"age groups: {ages or '-'}")
-    print(f"{s['graded']} of {s['completions']} graded ({s['cached']} from the cache), {s['failures']} failures"
-          + (f": {'; '.join(s['failure_reasons'][:3])}" if s["failures"] else ""))
-    print(f"wrote {Path(args.out) if args.out else Path(args.checkpoint) / 'judge'}")
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tinygemma.generate import SamplingConfig, add_checkpoint_arg, add_device_arg
-
-    p = sub.add_parser("judge", help="grade completions with an LLM judge (the TinyStories paper's rubric)",
-                       description="Complete story beginnings with the model, then grade each completion with a "
-                                   "judge model behind an OpenAI-compatible chat endpoint.")
-    add_checkpoint_arg(p, "CKPT_OR_RUN")
-    add_dataclass_args(p, JudgeConfig)
-    add_dataclass_args(p, SamplingConfig, skip=("seed", "num_samples"))
-    p.add_argument("--prompts", help="file of story beginnings, one per line (instead of the built-in set)")
-    p.add_argument("--out", help="output folder (default: CKPT_OR_RUN/judge)")
-    p.add_argument("--cache", help="grade cache, JSONL (default: OUT/cache.jsonl)")
-    add_device_arg(p)
-    p.set_defaults(func=_judge)

@@ -1,0 +1,32 @@
+"""The studio's settings: where it listens and the limits it puts on requests."""
+
+
+import logging
+from dataclasses import dataclass, field
+
+from tinygemma.config import UserError
+
+log = logging.getLogger("tinygemma.serve")
+
+
+@dataclass
+class ServeConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (anything but loopback is "
+                                                                "reachable by others: there is no authentication)"})
+    port: int = field(default=8000, metadata={"help": "TCP port (0 picks a free one)"})
+    max_concurrent: int = field(default=4, metadata={"help": "generations at a time; more get HTTP 429"})
+    max_tokens_limit: int = field(default=500, metadata={"help": "largest max_tokens a request may ask for"})
+    max_prompt_chars: int = field(default=4000, metadata={"help": "longest prompt accepted, in characters"})
+    max_n: int = field(default=4, metadata={"help": "largest n (completions per prompt)"})
+    max_rows: int = field(default=16, metadata={"help": "largest prompts x n in one request"})
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_concurrent", "max_tokens_limit", "max_prompt_chars", "max_n", "max_rows"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def max_tokens_cap(self, context_length: int) -> int:
+        """The largest max_tokens this server grants: its limit, and at least one prompt token in context."""
+        return min(self.max_tokens_limit, context_length - 1)
