@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-IGNORE = -100  # cross_entropy's ignore_index: targets not trained on
+IGNORE_INDEX = -100  # cross_entropy's ignore_index: targets not trained on
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +46,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``x @ weight.T`` (N, vocab) against ``targets`` (N,), -100 ignored.
+    """Mean cross-entropy of ``x @ weight.T`` (N, vocab) against ``targets`` (N,), ``IGNORE_INDEX`` ignored.
 
     The same math as ``F.cross_entropy(F.linear(x, weight).float(), targets)`` with fewer passes over the
     N x vocab logits, which dominate a small model's step: the forward turns them in place into exp(z - max)
@@ -60,7 +60,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         logits = x @ weight.t()  # autocast (if on) picks the matmul dtype here
         ctx.dtype = logits.dtype
         z = logits.float()  # a no-op in fp32; the softmax statistics are float32 either way
-        valid = targets != -100
+        valid = targets != IGNORE_INDEX
         scale = valid.float() / valid.sum()  # the mean over non-ignored tokens
         safe = torch.where(valid, targets, 0)[:, None]
         zmax = z.amax(-1, keepdim=True)

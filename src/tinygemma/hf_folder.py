@@ -136,7 +136,8 @@ def human_count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
-def _duration(seconds: float) -> str:
+def human_duration(seconds: float) -> str:
+    """``1 h 6 min`` / ``4 min 10 s``: the one way durations are written (model card, report)."""
     h, rest = divmod(round(seconds), 3600)
     return f"{h} h {rest // 60} min" if h else f"{rest // 60} min {rest % 60} s"
 
@@ -212,7 +213,7 @@ def _card_training(info: CardInfo) -> list[str]:
     if info.hardware:
         facts.append(f"- hardware: {info.hardware}")
     if info.training_time_s is not None:
-        facts.append(f"- training time: {_duration(info.training_time_s)}")
+        facts.append(f"- training time: {human_duration(info.training_time_s)}")
     lines = ["## Training", "", *(facts or ["Pre-training with next-token cross-entropy; this checkpoint did not "
                                             "record its recipe."])]
     if info.train_config:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from tinygemma.config import UserError, from_dict, load_json
 from tinygemma.files import atomic_write, atomic_write_text, follow_umask
-from tinygemma.fused import LinearCrossEntropy, RMSNormFunction, rms_norm
+from tinygemma.fused import IGNORE_INDEX, LinearCrossEntropy, RMSNormFunction, rms_norm
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -305,7 +305,7 @@ class Gemma3(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, masks: dict | None = None, cache: list | None = None,
                 logits_to_keep: int = 0, return_logits: bool = True):
-        """Logits (B, T, vocab), plus the mean cross-entropy when ``targets`` is given (-100 is ignored).
+        """Logits (B, T, vocab), plus the mean cross-entropy when ``targets`` is given (``IGNORE_INDEX`` is ignored).
 
         With targets and ``return_logits=False`` it returns ``(None, loss)`` through the fused
         :class:`LinearCrossEntropy`: same loss and gradients, less time and memory (what training uses).
@@ -343,7 +343,7 @@ class Gemma3(nn.Module):
         logits = self.lm_head(x)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         return logits, loss
 
     # -- Hugging Face folder I/O -----------------------------------------------------------------

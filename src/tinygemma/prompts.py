@@ -120,12 +120,27 @@ def build_prompt(*, words: Iterable[str] = (), features: Iterable[str] = (), sum
     return "".join(lines) + STORY_HEADER
 
 
-def parse_words(text: str) -> list[str]:
-    """``"frog, jump, shiny"`` -> three words; no words at all is refused."""
-    words = split_list(text)
-    if not words:
-        raise UserError(f"--words {text!r}: no words (give a comma list such as 'frog, jump, shiny')")
-    return words
+def instruction_header(*, words: str | Iterable[str] | None = None, features: str | Iterable[str] | None = None,
+                       summary: str | None = None, sentence: str | None = None, flag: str = "") -> str | None:
+    """The instruct prompt for the instructions given, or None when none is; ``words`` and ``features`` are a
+    comma list (``"frog, jump, shiny"``) or a sequence. Shared by ``generate``'s flags and the API's fields
+    (``flag`` is the prefix that names them in errors, e.g. ``--``)."""
+    if all(v is None for v in (words, features, summary, sentence)):
+        return None
+
+    def listed(name: str, value: str | Iterable[str] | None) -> list[str]:
+        if value is None:
+            return []
+        items = split_list(value) if isinstance(value, str) else list(value)
+        if not items:
+            shown = f" {value!r}" if isinstance(value, str) and flag else ""
+            hint = "give a comma list such as 'frog, jump, shiny'" if name == "words" else \
+                f"known: {', '.join(FEATURES)}"
+            raise UserError(f"{flag}{name}{shown}: no {name} ({hint})")
+        return items
+
+    return build_prompt(words=listed("words", words), features=listed("features", features), summary=summary,
+                        sentence=sentence)
 
 
 # Function words (matched exactly): "content words" are the rest, less COMMON_WORDS.

@@ -8,8 +8,8 @@ import types
 import typing
 from typing import Any
 
-from tinygemma.config import UserError, from_dict
-from tinygemma.prompts import FEATURES, build_prompt, parse_words, split_list
+from tinygemma.config import from_dict
+from tinygemma.prompts import FEATURES, instruction_header
 from tinygemma.sampling import SamplingConfig
 
 
@@ -52,13 +52,8 @@ def add_instruction_args(p: argparse.ArgumentParser) -> None:
 
 def prompt_from_args(args: argparse.Namespace) -> str | None:
     """The instruction prompt the flags ask for, or None when no instruction flag was given."""
-    if all(getattr(args, k) is None for k in ("words", "features", "summary", "sentence")):
-        return None
-    words = parse_words(args.words) if args.words is not None else []
-    features = split_list(args.features) if args.features is not None else []
-    if args.features is not None and not features:
-        raise UserError(f"--features {args.features!r}: no features (known: {', '.join(FEATURES)})")
-    return build_prompt(words=words, features=features, summary=args.summary, sentence=args.sentence)
+    return instruction_header(words=args.words, features=args.features, summary=args.summary,
+                              sentence=args.sentence, flag="--")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ from tinygemma.config import from_dict
 from tinygemma.export import ExportConfig, export
 
 
-def _export_cmd(args: argparse.Namespace) -> int:
+def _export(args: argparse.Namespace) -> int:
     cfg = from_dict(ExportConfig, {"source": args.checkpoint, "out": args.out,
                                    **dataclass_overrides(args, ExportConfig)}, "export")
     out = export(cfg)
@@ -29,4 +29,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_checkpoint_arg(p)
     p.add_argument("out", metavar="OUT", help="folder to create (a .gguf file with --format gguf)")
     add_dataclass_args(p, ExportConfig, skip=("source", "out"))
-    p.set_defaults(func=_export_cmd)
+    p.set_defaults(func=_export)

@@ -13,7 +13,7 @@ from tinygemma.data.instruct import prepare_instruct
 from tinygemma.data.prepare import prepare, verify
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace) -> int:
     if args.verify:
         verify(args.verify)
         return 0
@@ -41,7 +41,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_dataclass_args(p, PrepareConfig)
     add_dataclass_args(p, InstructOptions)
     p.add_argument("--verify", metavar="DIR", help="check the sha256 of prepared data in DIR and exit")
-    p.set_defaults(func=_cmd_prepare)
+    p.set_defaults(func=_prepare)
 
 
 def _prepare_instruct(cfg: PrepareConfig, opts: InstructOptions, given: dict, command: str) -> dict:

@@ -27,7 +27,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default=None, help="default (= muon) | muon | adamw | tutorial | a JSON file "
                                                   "(default: default)")
     _common_args(p)
-    p.set_defaults(func=_main)
+    p.set_defaults(func=_train)
     p = subparsers.add_parser("finetune", help="fine-tune a checkpoint on instruct records (masked loss)",
                               description="Continue a pre-trained checkpoint on TinyStories-Instruct records made by "
                                           "`tinygemma prepare --instruct` or `--derive-instructions`: one record per "
@@ -39,7 +39,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_finetune)
 
 
-def _main(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> int:
     overrides = {**dataclass_overrides(args, TrainConfig), **parse_sets(args.sets)}
     train(overrides, recipe=args.recipe, resume=args.resume, force=args.force, write_samples=write_samples)
     return 0

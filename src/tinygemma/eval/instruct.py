@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tinygemma.config import UserError
 from tinygemma.data.instruct import read_records
 from tinygemma.files import atomic_write_text
-from tinygemma.fused import IGNORE
+from tinygemma.fused import IGNORE_INDEX
 from tinygemma.generate import generate_rows, unwrap
 from tinygemma.prompts import LETTERS_RE, Record, has_dialogue, stem
 from tinygemma.sampling import SamplingConfig
@@ -72,10 +72,10 @@ def masked_loss(model: torch.nn.Module, ds: InstructDataset, indices: np.ndarray
     for b in range(0, len(indices), batch_size):
         x, y = ds.batch(indices[b:b + batch_size], block_size)
         logits = model(x.to(device))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE,
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
         total += loss.double().item()
-        count += int((y != IGNORE).sum())
+        count += int((y != IGNORE_INDEX).sum())
     return total / count, count
 
 

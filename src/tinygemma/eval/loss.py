@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from tinygemma.config import UserError
 from tinygemma.data.dataset import TokenDataset
+from tinygemma.fused import IGNORE_INDEX
 from tinygemma.generate import load_checkpoint
 from tinygemma.model import Gemma3
 from tinygemma.rundir import read_run_config, resolve_checkpoint
@@ -81,7 +82,7 @@ def evaluate_tokens(model: Gemma3, tokens: np.ndarray, block_size: int | None = 
     for b in range(0, len(starts), batch_size):
         group = starts[b:b + batch_size]
         x = torch.full((len(group), block_size), mc.eot_token_id, dtype=torch.long)
-        y = torch.full((len(group), block_size), -100, dtype=torch.long)
+        y = torch.full((len(group), block_size), IGNORE_INDEX, dtype=torch.long)
         for r, s in enumerate(group):
             tgt = torch.from_numpy(np.asarray(tokens[s:s + block_size], dtype=np.int64))
             # input t-1 predicts target t; the token before the split is <|endoftext|>
@@ -90,10 +91,10 @@ def evaluate_tokens(model: Gemma3, tokens: np.ndarray, block_size: int | None = 
             x[r, :len(tgt)], y[r, :len(tgt)] = inp, tgt
         logits = model(x.to(device))
         # summed in float64 so that the mean does not depend on how the split is batched
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE_INDEX,
                                reduction="none")
         total += loss.double().sum().item()
-        bar.update(int((y != -100).sum()))
+        bar.update(int((y != IGNORE_INDEX).sum()))
     bar.close()
     elapsed = time.perf_counter() - t0
     mean = total / n
@@ -127,12 +128,13 @@ def tail_losses(model: Gemma3, seqs: list[list[int]], first: list[int], batch_si
         group, starts = seqs[b:b + batch_size], first[b:b + batch_size]
         width = max(map(len, group)) - 1
         x = torch.full((len(group), width), eot, dtype=torch.long)
-        y = torch.full((len(group), width), -100, dtype=torch.long)
+        y = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
         for r, (seq, f) in enumerate(zip(group, starts, strict=True)):
             x[r, :len(seq) - 1] = torch.tensor(seq[:-1])
             y[r, f - 1:len(seq) - 1] = torch.tensor(seq[f:])
         logits = model(x.to(device))
-        loss = F.cross_entropy(logits.float().transpose(1, 2), y.to(device), ignore_index=-100, reduction="none")
+        loss = F.cross_entropy(logits.float().transpose(1, 2), y.to(device), ignore_index=IGNORE_INDEX,
+                               reduction="none")
         out += loss.double().sum(1).tolist()
     return out
 

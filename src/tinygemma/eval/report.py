@@ -31,6 +31,7 @@ from tinygemma.eval.render import format_measure, md_escape
 from tinygemma.eval.samples import REPORT_SEED, SAMPLE_MEASURES, sample_report
 from tinygemma.files import atomic_write_text
 from tinygemma.generate import load_checkpoint
+from tinygemma.hf_folder import human_duration
 from tinygemma.model import ModelConfig
 from tinygemma.prompts import TUTORIAL_PROMPTS
 from tinygemma.sampling import SamplingConfig
@@ -214,12 +215,6 @@ def _num(value, digits: int = 4) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-
-
 def build_blocks(runs: list[dict], plots: list[str]) -> list[tuple]:
     """The page as blocks: ("h2", text), ("p", text), ("table", header, rows), ("img", file, alt),
     ("list", items), ("quote", title, text)."""
@@ -227,7 +222,8 @@ def build_blocks(runs: list[dict], plots: list[str]) -> list[tuple]:
                                                   "hardware"],
                                        [[r["name"], r.get("model", {}).get("name", "–"),
                                          _num(r.get("model", {}).get("params")), r.get("recipe") or "–",
-                                         _num(r.get("tokens")), _duration(r.get("wall_s")), r.get("hardware") or "–"]
+                                         _num(r.get("tokens")), _wall(r.get("wall_s")),
+                                         r.get("hardware") or "–"]
                                         for r in runs])]
     problems = [f"{r['name']}: {p}" for r in runs for p in r["problems"]]
     if problems:
@@ -255,6 +251,10 @@ def build_blocks(runs: list[dict], plots: list[str]) -> list[tuple]:
             for r, o in zip(runs, overall, strict=True)])]
     b += _instruct_blocks(runs) + _judge_blocks(runs) + _sample_blocks(runs)
     return b
+
+
+def _wall(seconds: float | None) -> str:
+    return "–" if seconds is None else human_duration(seconds)
 
 
 def _get(d: dict | None, *keys):

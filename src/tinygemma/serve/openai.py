@@ -1,6 +1,4 @@
 """The OpenAI-style request schema, errors and streamed replies."""
-
-
 import asyncio
 import difflib
 import json
@@ -13,7 +11,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tinygemma.prompts import FEATURES, TUTORIAL_PROMPTS, build_prompt, split_list
+from tinygemma.prompts import FEATURES, TUTORIAL_PROMPTS, instruction_header
 from tinygemma.serve.config import ServeConfig, log
 from tinygemma.serve.engine import Engine, Job, Result
 
@@ -122,12 +120,8 @@ def request_model(cfg: ServeConfig, context_length: int, vocab_size: int) -> typ
 
         def instructions(self) -> str:
             """The instruction header ('' without instructions); a UserError (a ValueError) if invalid."""
-            if all(v is None for v in (self.words, self.features, self.summary, self.sentence)):
-                return ""
-            words, features = (split_list(v) if isinstance(v, str) else v or [] for v in (self.words, self.features))
-            if self.words is not None and not words:
-                raise ValueError("words: no words (give 'frog, jump, shiny' or a list)")
-            return build_prompt(words=words, features=features, summary=self.summary, sentence=self.sentence)
+            return instruction_header(words=self.words, features=self.features, summary=self.summary,
+                                      sentence=self.sentence) or ""
 
         def prompts(self) -> list[str | list[int]]:
             p = self.prompt

@@ -11,7 +11,7 @@ import torch
 from tinygemma.config import UserError
 from tinygemma.data.config import MASK_DTYPE
 from tinygemma.data.dataset import TokenDataset
-from tinygemma.fused import IGNORE
+from tinygemma.fused import IGNORE_INDEX
 
 PAD_MULTIPLE = 64  # fine-tuning rows are padded to the batch's longest record, rounded up to this
 
@@ -49,7 +49,7 @@ class InstructDataset(TokenDataset):
 
     def batch(self, indices: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs x and targets y (B, T), int64: one record per row from its start, cut from the end when
-        longer than block_size + 1, padded with ``<|endoftext|>`` in x when shorter; y is the next token, -100
+        longer than block_size + 1, padded with ``<|endoftext|>`` in x when shorter; y is the next token, IGNORE_INDEX
         on padding and where that token is not trained on (its mask is 0). T is the longest row rounded up to
         a multiple of PAD_MULTIPLE, at most block_size: the full block would add padding to every row (a fifth
         more positions at 16 x 512 on TinyStories records), and the rounding keeps the shapes a compiled
@@ -59,13 +59,13 @@ class InstructDataset(TokenDataset):
         width = min(block_size, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
         eot = self.meta["eot_id"]
         x = torch.full((len(indices), width), eot, dtype=torch.long)
-        y = torch.full((len(indices), width), IGNORE, dtype=torch.long)
+        y = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
         for r, (ids, mask) in enumerate(rows):
             ids = torch.from_numpy(ids[:block_size + 1].astype(np.int64))
             keep = torch.from_numpy(mask[1:block_size + 1].astype(bool))
             n = len(ids) - 1
             x[r, :n] = ids[:-1]
-            y[r, :n] = ids[1:].masked_fill(~keep, IGNORE)
+            y[r, :n] = ids[1:].masked_fill(~keep, IGNORE_INDEX)
         return x, y
 
 
@@ -106,7 +106,7 @@ class Sampler:
 
 class RecordSampler(Sampler):
     """Fine-tuning: whole instruct records, one per row from its start (padded, never packed, so no row
-    attends across records); batches are (x, y) with y = -100 where the loss does not train."""
+    attends across records); batches are (x, y) with y = IGNORE_INDEX where the loss does not train."""
 
     kind = "random_records"
 

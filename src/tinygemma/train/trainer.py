@@ -438,7 +438,8 @@ class Trainer:
         tokens = sum(x.numel() for x, _ in batches) * self.world
         self.state.tokens += tokens
         self.state.train_time_s += dt
-        return StepResult(loss, norm, cfg.lr * factor, dt, finite or overflow, finite, stop_votes > 0, tokens)
+        return StepResult(loss, norm, lr_at(cfg, step, self.total_steps()), dt, finite or overflow, finite,
+                          stop_votes > 0, tokens)
 
     def _overflow(self, step: int) -> None:
         """fp16 loss scaling at work: the scaler skipped this step and lowered the scale (not a failure)."""
