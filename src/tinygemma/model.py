@@ -53,21 +53,21 @@ class ModelConfig:
         for name in ("vocab_size", "context_length", "hidden_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "intermediate_size", "sliding_window", "query_pre_attn_scalar"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})")
+            raise UserError(f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.hidden_size % self.num_heads:  # transformers' Gemma3TextConfig refuses this too
-            raise ValueError(f"hidden_size ({self.hidden_size}) is not a multiple of num_heads ({self.num_heads})")
+            raise UserError(f"hidden_size ({self.hidden_size}) is not a multiple of num_heads ({self.num_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+            raise UserError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not self.layer_types:
             self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_layers)]
         if len(self.layer_types) != self.num_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            raise UserError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         if bad := set(self.layer_types) - {SLIDING, FULL}:
-            raise ValueError(f"unknown layer type {sorted(bad)[0]!r} (use {SLIDING!r} or {FULL!r})")
+            raise UserError(f"unknown layer type {sorted(bad)[0]!r} (use {SLIDING!r} or {FULL!r})")
         if not 0 <= self.eot_token_id < self.vocab_size:
-            raise ValueError(f"eot_token_id {self.eot_token_id} is outside the vocabulary")
+            raise UserError(f"eot_token_id {self.eot_token_id} is outside the vocabulary")
 
     # -- sizes, used by `tinygemma info` and for MFU -------------------------------------------
     def param_breakdown(self) -> dict[str, int]:

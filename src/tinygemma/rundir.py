@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 from tinygemma.config import UserError, load_json
 from tinygemma.files import atomic_write_text
+from tinygemma.log import warn
 
 BEST = "best"
 
@@ -271,7 +271,7 @@ class Metrics:
             return []
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
-            print(f"{self.path}: dropped a half-written last line", file=sys.stderr)
+            warn(f"{self.path}: dropped a half-written last line")
         records = [r for r in self.read() if isinstance(r.get("step"), int) and r["step"] <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
         return records

@@ -11,6 +11,9 @@ import importlib
 import os
 import sys
 
+from tinygemma.config import UserError
+from tinygemma.log import install_handler
+
 # Each command and the stage module that builds its parser (``add_commands(subparsers)``), in pipeline order.
 # A module is imported only when its command runs, so `tinygemma prepare` and `tinygemma --help` never load torch.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -45,10 +48,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    install_handler()
     args = build_parser(next((a for a in argv if not a.startswith("-")), "")).parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, TypeError) as e:  # UserError, and what pure modules raise for bad values
+    except UserError as e:  # bad input, checked where it came in; any other exception is a bug: its traceback
         if os.environ.get("TINYGEMMA_DEBUG"):
             raise
         print(f"tinygemma {args.command}: error: {e}", file=sys.stderr)

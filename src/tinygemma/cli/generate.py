@@ -17,6 +17,7 @@ from tinygemma.cli.args import (
 )
 from tinygemma.device import check_memory, generation_bytes, inference_dtype, parse_device
 from tinygemma.generate import Completions, TextStream, encode_prompts, generate_rows, load_checkpoint, prompt_room
+from tinygemma.log import warn
 from tinygemma.sampling import SamplingConfig
 from tinygemma.tokenizer import Tokenizer
 
@@ -34,8 +35,8 @@ def _generate(args: argparse.Namespace) -> int:
     prompt_ids = encode_prompts(tok, prompts)
     keep = prompt_room(model.config.context_length, cfg.max_new_tokens)
     if any(len(p) > keep for p in prompt_ids):
-        print(f"tinygemma generate: warning: prompt longer than {keep} tokens "
-              f"(context {model.config.context_length} - max_new_tokens); keeping its last {keep}", file=sys.stderr)
+        warn(f"prompt longer than {keep} tokens (context {model.config.context_length} - max_new_tokens); "
+             f"keeping its last {keep}")
     rows = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]
     columns = min(max(map(len, prompt_ids)) + 1 + cfg.max_new_tokens, model.config.context_length)
     need = generation_bytes(model.config, len(rows), columns, model.lm_head.weight.dtype)

@@ -14,6 +14,7 @@ from tinygemma.cli.args import (
 )
 from tinygemma.config import from_dict
 from tinygemma.device import inference_dtype, parse_device
+from tinygemma.log import warn
 from tinygemma.serve.app import base_url, bind, create_app, is_loopback, uvicorn_server
 from tinygemma.serve.config import ServeConfig
 
@@ -24,8 +25,8 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(args.checkpoint, cfg, device=device, dtype=inference_dtype(args.dtype, device))
     sock = bind(cfg.host, cfg.port)
     if not is_loopback(cfg.host):
-        print(f"tinygemma serve: warning: listening on {cfg.host}, not loopback: anyone who can reach this "
-              "machine can use the model (there is no authentication)", file=sys.stderr)
+        warn(f"listening on {cfg.host}, not loopback: anyone who can reach this machine can use the model "
+             "(there is no authentication)")
     print(f"tinygemma studio: {base_url(cfg.host, sock.getsockname()[1])}/  (API: /v1/completions, Ctrl-C stops)",
           file=sys.stderr, flush=True)
     uvicorn_server(app, "info").run(sockets=[sock])

@@ -15,6 +15,7 @@ import numpy as np
 
 from tinygemma.data.config import DTYPE, PrepareConfig
 from tinygemma.data.sources import Task, repair_mojibake
+from tinygemma.log import warn
 from tinygemma.tokenizer import EOT_TOKEN, Tokenizer
 
 
@@ -109,8 +110,7 @@ def num_workers(n: int) -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     if n > 4 * cores:
-        print(f"tinygemma prepare: warning: --workers {n} is far above the {cores} cores; using {4 * cores}",
-              file=sys.stderr)
+        warn(f"--workers {n} is far above the {cores} cores; using {4 * cores}")
         return 4 * cores
     return n or cores
 

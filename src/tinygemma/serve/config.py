@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from tinygemma.config import UserError
 
-log = logging.getLogger("tinygemma.serve")
+log = logging.getLogger("tinygemma.serve")  # a child of tinygemma.log's logger: the same handler
 
 
 @dataclass

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +13,10 @@ import numpy as np
 import torch
 
 from tinygemma import rundir
-from tinygemma.config import UserError
+from tinygemma.config import UserError, to_dict
 from tinygemma.hf_folder import write_hf_files
 from tinygemma.model import Gemma3
+from tinygemma.train.config import TrainConfig
 from tinygemma.train.optim import Optimizers
 
 
@@ -66,3 +69,58 @@ def load_torch(path: Path, device: torch.device) -> Any:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated zip, pickle refused by weights_only, ...
         raise UserError(f"{path}: unreadable or corrupt ({type(e).__name__})") from None
+
+
+
+# -- the run folder of a new run ----------------------------------------------------------------------------
+def check_out_folder(out: Path) -> None:
+    """``--out`` is (or can be made) a writable folder."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: the run folder is not writable")
+
+
+def check_new_run(out: Path, cfg: TrainConfig, resume: str | None, force: bool) -> None:
+    """A new run may start in ``out`` (locked by the caller): it is empty, or ``force`` clears it; another run
+    there, or the same run not resumed, is refused."""
+    if force:
+        rundir.clear(out)
+        return
+    previous = rundir.read_run_config(out)
+    if previous is None:
+        if resume == "auto":
+            print(f"--resume auto: no checkpoint in {out}, starting a new run", file=sys.stderr)
+        return
+    if resume == "auto":
+        raise UserError(f"--resume auto: {out} holds a run but no complete checkpoint to resume; "
+                        "use --force to start over or another --out")
+    now, before = to_dict(cfg), previous["train"]
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        raise UserError(f"{out} holds another run (its config differs in {', '.join(changed[:4])}); "
+                        f"use --resume auto, --force or another --out")
+    raise UserError(f"{out} already holds this run; use --resume auto to continue or --force to start over")
+
+
+def load_optimizer_state(optimizer: Optimizers, path: Path, device: torch.device) -> None:
+    """A checkpoint's optimizer state into ``optimizer``, refused in one line when it is corrupt or does not fit."""
+    saved = load_torch(path, device)  # an unreadable file: a one-line "unreadable or corrupt"
+    # one torch optimizer's state, or {name: state} of several (Muon + AdamW)
+    multi = isinstance(saved, dict) and "state" not in saved and len(optimizer.optimizers) > 1
+    parts = list(saved.values()) if multi else [saved]
+    for part in parts:
+        if not isinstance(part, dict) or not isinstance(part.get("state"), dict) \
+                or not isinstance(part.get("param_groups"), list):
+            raise UserError(f"{path}: corrupt (loads, but is not an optimizer state)")
+        if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
+               for moments in part["state"].values() if isinstance(moments, dict) for t in moments.values()):
+            raise UserError(f"{path}: corrupt (non-finite optimizer moments)")
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: a valid optimizer state that does not fit this model ({e})") from None

@@ -128,7 +128,7 @@ class TrainConfig:
                                           f"{', '.join(budgets) or 'none'})"))
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UserError(message)
 
     @property
     def final_lr(self) -> float:

@@ -82,7 +82,7 @@ class Optimizers:
             next(iter(self.optimizers.values())).load_state_dict(state)
             return
         if set(state) != set(self.optimizers):
-            raise ValueError(f"optimizer state holds {sorted(state)}, this recipe has {sorted(self.optimizers)}")
+            raise UserError(f"optimizer state holds {sorted(state)}, this recipe has {sorted(self.optimizers)}")
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state[name])
 
@@ -197,3 +197,23 @@ def explain_oom(micro_batch: int, block_size: int, grad_accum: int, last_good: C
 def lr_at(cfg: TrainConfig, step: int, total_steps: int | None) -> float:
     """The AdamW groups' LR at ``step``: ``lr`` times the schedule (:func:`tinygemma.optim.lr_factor`)."""
     return cfg.lr * lr_factor(cfg, step, total_steps)
+
+
+def forward_backward(step_model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     precision: Precision) -> torch.Tensor:
+    """Accumulate the gradient of one optimizer step over ``batches`` (x, y).
+
+    ``step_model`` is what runs the batches (plain, compiled and/or DDP-wrapped).
+    Each micro-loss is divided by the number of micro-batches, so the gradient is that of one big batch;
+    under DDP, gradients are all-reduced only on the last micro-batch. Returns the mean loss, still on the
+    device (no host sync here).
+    """
+    ddp = isinstance(step_model, torch.nn.parallel.DistributedDataParallel)
+    loss_sum = None
+    for i, (x, y) in enumerate(batches):
+        with nullcontext() if (not ddp or i == len(batches) - 1) else step_model.no_sync():
+            with precision.autocast():
+                _, loss = step_model(x, y, return_logits=False)
+            precision.backward(loss / len(batches))
+        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+    return loss_sum / len(batches)

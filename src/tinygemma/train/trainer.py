@@ -5,8 +5,9 @@
 
 ``fit`` is the loop; each phase is a method: setup (claim the run folder, resolve the config, data, model,
 optimizer, logging), resume, ``train_step``, ``update_budget``, ``evaluate``, ``log``, ``checkpoint``, close.
-Everything the loop carries from step to step is in :class:`TrainState` (saved in every checkpoint) and
-:class:`Clock` (this process's timings).
+Everything the loop carries from step to step is in :class:`~tinygemma.train.state.TrainState` (saved in every
+checkpoint) and :class:`~tinygemma.train.state.Clock` (this process's timings); the run-folder checks and
+checkpoint files are in :mod:`tinygemma.train.checkpoint`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import sys
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass, fields
+from contextlib import ExitStack
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,106 +26,26 @@ import torch
 import torch.distributed as dist
 
 from tinygemma import rundir
-from tinygemma.config import UserError, from_dict, to_dict
+from tinygemma.config import UserError, to_dict
 from tinygemma.data.dataset import TokenDataset
 from tinygemma.device import check_memory
+from tinygemma.log import warn
 from tinygemma.model import Gemma3, ModelConfig, load_model_config
 from tinygemma.plots import write_plots
 from tinygemma.tokenizer import EOT_ID, VOCAB_SIZE
-from tinygemma.train.checkpoint import load_torch, set_rng_states, write_checkpoint
+from tinygemma.train.checkpoint import (
+    check_new_run,
+    check_out_folder,
+    load_optimizer_state,
+    load_torch,
+    set_rng_states,
+    write_checkpoint,
+)
 from tinygemma.train.config import RESUMABLE_KEYS, TrainConfig, load_recipe, resolve_config
 from tinygemma.train.hardware import peak_flops, peak_memory_mb, pick_device, training_bytes
-from tinygemma.train.optim import Precision, build_optimizer, explain_oom, lr_at, lr_factor, set_lr
+from tinygemma.train.optim import Precision, build_optimizer, explain_oom, forward_backward, lr_at, lr_factor, set_lr
 from tinygemma.train.sampler import InstructDataset, RecordSampler, Sampler
-
-
-def forward_backward(step_model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                     precision: Precision) -> torch.Tensor:
-    """Accumulate the gradient of one optimizer step over ``batches`` (x, y).
-
-    ``step_model`` is what runs the batches (plain, compiled and/or DDP-wrapped).
-    Each micro-loss is divided by the number of micro-batches, so the gradient is that of one big batch;
-    under DDP, gradients are all-reduced only on the last micro-batch. Returns the mean loss, still on the
-    device (no host sync here).
-    """
-    ddp = isinstance(step_model, torch.nn.parallel.DistributedDataParallel)
-    loss_sum = None
-    for i, (x, y) in enumerate(batches):
-        with nullcontext() if (not ddp or i == len(batches) - 1) else step_model.no_sync():
-            with precision.autocast():
-                _, loss = step_model(x, y, return_logits=False)
-            precision.backward(loss / len(batches))
-        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
-    return loss_sum / len(batches)
-
-
-class Stop:
-    """SIGINT/SIGTERM: the first asks for a checkpoint and a clean exit; a second one exits at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            os._exit(128 + signum)
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: writing a checkpoint, then exiting (again to exit now)",
-              file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-@dataclass
-class TrainState:
-    """What the loop carries from step to step; ``trainer_state.json`` of every checkpoint."""
-
-    step: int = 0  # optimizer steps done (the schedule's and the sampler's position)
-    tokens: int = 0
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    skipped_steps: int = 0  # non-finite loss or gradient, skipped by nonfinite=skip
-    overflow_steps: int = 0  # fp16 gradient overflows: the loss scaler skipped the step and lowered the scale
-    elapsed_s: float = 0.0  # wall time of the run, evaluations and checkpoints included
-    train_time_s: float = 0.0  # time in training steps only
-    total_steps: int | None = None  # the schedule's length (a time budget re-estimates it as it goes)
-
-    @classmethod
-    def from_checkpoint(cls, saved: dict[str, Any], where: str) -> TrainState:
-        return from_dict(cls, {f.name: saved[f.name] for f in fields(cls) if f.name in saved}, where)
-
-
-@dataclass
-class Clock:
-    """This process's timings: the run's wall clock, the throughput window and the time-budget estimate."""
-
-    start: float = 0.0  # perf_counter() at which the run's elapsed time was 0
-    steps_here: int = 0  # steps run by this process (a resumed run starts at 0)
-    first_end: float = 0.0  # when its first step ended (that step compiles, so the budget leaves it out)
-    window_tokens: int = 0
-    window_s: float = 0.0
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    lr: float  # the AdamW groups' (Muon's follows the same schedule from its own peak)
-    seconds: float
-    loss_ok: bool  # the loss is finite (an fp16 overflow step keeps its loss)
-    finite: bool  # loss and gradient norm are finite
-    stop: bool  # a rank was asked to stop (SIGINT/SIGTERM)
-    tokens: int  # positions run, all ranks (fine-tuning rows are cut to the batch's longest record)
+from tinygemma.train.state import Clock, StepResult, Stop, TrainState
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -244,45 +163,16 @@ class Trainer:
         saved = (rundir.read_run_config(self.ckpt) or {}).get("data_meta") if self.ckpt is not None else None
         now = self.run_config["data_meta"].get("train")
         if isinstance(saved, dict) and saved.get("train") not in (None, now):
-            print(f"warning: --data {self.cfg.data}: its train split (sha256 {now[:12]}) differs from the one "
-                  f"{self.ckpt} was trained on ({str(saved['train'])[:12]}); continuing on the new tokens",
-                  file=sys.stderr)
+            warn(f"--data {self.cfg.data}: its train split (sha256 {now[:12]}) differs from the one "
+                 f"{self.ckpt} was trained on ({str(saved['train'])[:12]}); continuing on the new tokens")
 
     def _claim_out(self, resume: str | None, force: bool) -> None:
         """Refuse to mix two runs in one folder (or, with --force, clear the old one); lock it."""
-        out = self.out
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out}: exists and is not a folder")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise UserError(f"--out {out}: the run folder is not writable")
+        check_out_folder(self.out)
         if not self._locked:  # (--resume auto took it already)
             self._lock()
         if self.ckpt is None:
-            self._check_new_run(resume, force)
-
-    def _check_new_run(self, resume: str | None, force: bool) -> None:
-        out = self.out
-        if force:
-            rundir.clear(out)
-            return
-        previous = rundir.read_run_config(out)
-        if previous is None:
-            if resume == "auto" and self.master:
-                print(f"--resume auto: no checkpoint in {out}, starting a new run", file=sys.stderr)
-            return
-        if resume == "auto":
-            raise UserError(f"--resume auto: {out} holds a run but no complete checkpoint to resume; "
-                            "use --force to start over or another --out")
-        now, before = to_dict(self.cfg), previous["train"]
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        if changed:
-            raise UserError(f"{out} holds another run (its config differs in {', '.join(changed[:4])}); "
-                            f"use --resume auto, --force or another --out")
-        raise UserError(f"{out} already holds this run; use --resume auto to continue or --force to start over")
+            check_new_run(self.out, self.cfg, resume, force)
 
     def _setup_model(self) -> None:
         cfg, device = self.cfg, self.device
@@ -337,22 +227,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue exactly where the checkpoint stopped: optimizer moments and every RNG."""
-        path = self.ckpt / "optimizer.pt"
-        saved = load_torch(path, self.device)  # an unreadable file: a one-line "unreadable or corrupt"
-        # one torch optimizer's state, or {name: state} of several (Muon + AdamW)
-        multi = isinstance(saved, dict) and "state" not in saved and len(self.optimizer.optimizers) > 1
-        parts = list(saved.values()) if multi else [saved]
-        for part in parts:
-            if not isinstance(part, dict) or not isinstance(part.get("state"), dict) \
-                    or not isinstance(part.get("param_groups"), list):
-                raise UserError(f"{path}: corrupt (loads, but is not an optimizer state)")
-            if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
-                   for moments in part["state"].values() if isinstance(moments, dict) for t in moments.values()):
-                raise UserError(f"{path}: corrupt (non-finite optimizer moments)")
-        try:
-            self.optimizer.load_state_dict(saved)
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path}: a valid optimizer state that does not fit this model ({e})") from None
+        load_optimizer_state(self.optimizer, self.ckpt / "optimizer.pt", self.device)
         self.precision.load_state_dict(self.saved_scaler)
         set_rng_states(load_torch(self.ckpt / "rng_state.pt", torch.device("cpu")))
 
@@ -445,8 +320,8 @@ class Trainer:
         """fp16 loss scaling at work: the scaler skipped this step and lowered the scale (not a failure)."""
         self.state.overflow_steps += 1
         if self.master:
-            print(f"step {step + 1}: fp16 gradient overflow; step skipped, loss scale now "
-                  f"{self.precision.scaler.get_scale():g}", file=sys.stderr)
+            warn(f"step {step + 1}: fp16 gradient overflow; step skipped, loss scale now "
+                 f"{self.precision.scaler.get_scale():g}")
 
     def _nonfinite(self, step: int, loss: float, norm: float) -> None:
         if self.cfg.nonfinite == "stop":
@@ -455,7 +330,7 @@ class Trainer:
                             f"(last good checkpoint: {self.last_good()}; lower lr or set nonfinite=skip)")
         self.state.skipped_steps += 1
         if self.master:
-            print(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({norm}); step skipped", file=sys.stderr)
+            warn(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({norm}); step skipped")
 
     def last_good(self) -> str:
         found = rundir.checkpoints(self.out)
