@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -145,33 +144,18 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-def markdown_section(result: dict) -> str:
-    """The samples report's section on instruction following (see :func:`evaluate_instructions`)."""
-    from tinygemma.eval.render import md_escape as _md
-
-    lines = ["## Instructions", "", f"A story for each of the first {result['records']} held-out records of "
-             f"{_md(result['data'])}; {_md(result['matching'])}.", "",
-             "| instruction | followed | 95% interval | records |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {r['rate']:.1%} | {r['ci95'][0]:.1%}–{r['ci95'][1]:.1%} | {r['n']} |"
-              for name, r in measure_rows(result)]
-    lines += ["", f"Masked story loss: {result['story_loss']:.4f} over {result['story_tokens']:,} tokens.", ""]
+def instruct_blocks(result: dict) -> list[tuple]:
+    """The samples report's section on instruction following (see :func:`evaluate_instructions`), as blocks."""
+    blocks: list[tuple] = [
+        ("h2", "Instructions"),
+        ("p", f"A story for each of the first {result['records']} held-out records of {result['data']}; "
+              f"{result['matching']}."),
+        ("table", ["instruction", "followed", "95% interval", "records"],
+         [[name, f"{r['rate']:.1%}", f"{r['ci95'][0]:.1%}–{r['ci95'][1]:.1%}", r["n"]]
+          for name, r in measure_rows(result)]),
+        ("p", f"Masked story loss: {result['story_loss']:.4f} over {result['story_tokens']:,} tokens.")]
     for k, s in enumerate(result["samples"]):
         followed = ", ".join(f"{name}: {'yes' if ok else 'no'}" for name, ok in s["followed"].items())
-        lines += [f"### Record {k + 1}", ""] + ["> " + _md(line) for line in (s["prompt"] + s["story"]).split("\n")]
-        lines += ["", f"*{followed or 'nothing to check'}*", ""]
-    return "\n".join(lines)
-
-
-def html_section(result: dict) -> str:
-    e = html.escape
-    rows = "".join(f"<tr><td>{e(name)}</td><td>{r['rate']:.1%}</td><td>{r['ci95'][0]:.1%}–{r['ci95'][1]:.1%}</td>"
-                   f"<td>{r['n']}</td></tr>" for name, r in measure_rows(result))
-    body = [f"<h2>Instructions</h2><p>A story for each of the first {result['records']} held-out records of "
-            f"{e(result['data'])}; {e(result['matching'])}.</p>",
-            f"<table><tr><th>instruction</th><th>followed</th><th>95% interval</th><th>records</th></tr>{rows}"
-            f"</table><p>Masked story loss: {result['story_loss']:.4f} over {result['story_tokens']:,} tokens.</p>"]
-    for k, s in enumerate(result["samples"]):
-        followed = ", ".join(f"{name}: {'yes' if ok else 'no'}" for name, ok in s["followed"].items())
-        body += [f"<h3>Record {k + 1}</h3><blockquote><b>{e(s['prompt'])}</b>{e(s['story'])}</blockquote>",
-                 f"<p class='m'>{e(followed or 'nothing to check')}</p>"]
-    return "\n".join(body)
+        blocks += [("h3", f"Record {k + 1}"), ("story", s["prompt"], s["story"]),
+                   ("note", followed or "nothing to check")]
+    return blocks

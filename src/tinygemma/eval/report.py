@@ -14,7 +14,6 @@ cannot be read (no folder, no metrics, no checkpoint, no data) gets a line sayin
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from tinygemma.config import UserError, load_json
 from tinygemma.eval.instruct import INSTRUCT_MEASURES, rates
 from tinygemma.eval.judge import AGE_GROUPS, CRITERIA
 from tinygemma.eval.loss import EvalConfig, evaluate_checkpoint
-from tinygemma.eval.render import format_measure, md_escape
+from tinygemma.eval.render import format_measure, to_html, to_markdown
 from tinygemma.eval.samples import REPORT_SEED, SAMPLE_MEASURES, sample_report
 from tinygemma.files import atomic_write_text
 from tinygemma.generate import load_checkpoint
@@ -312,50 +311,6 @@ def _sample_blocks(runs: list[dict]) -> list[tuple]:
     return b
 
 
-def render_markdown(title: str, blocks: list[tuple]) -> str:
-    lines = [f"# {md_escape(title)}", ""]
-    for kind, *rest in blocks:
-        if kind in ("h2", "h3"):
-            lines += [("## " if kind == "h2" else "### ") + md_escape(rest[0]), ""]
-        elif kind == "p":
-            lines += [md_escape(rest[0]), ""]
-        elif kind == "list":
-            lines += [f"- {md_escape(x)}" for x in rest[0]] + [""]
-        elif kind == "img":
-            lines += [f"![{rest[1]}]({rest[0]})", ""]
-        elif kind == "quote":
-            lines += [f"**{md_escape(rest[0])}**", ""] + ["> " + md_escape(x) for x in rest[1].split("\n")] + [""]
-        elif kind == "table":
-            header, rows = rest
-            lines += ["| " + " | ".join(map(md_escape, header)) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-            lines += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in rows] + [""]
-    return "\n".join(lines)
-
-
-def render_html(title: str, blocks: list[tuple]) -> str:
-    e = html.escape
-    body = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
-            "<style>body{font-family:sans-serif;max-width:60em;margin:auto;padding:0 1em}table{border-collapse:"
-            "collapse}td,th{padding:.2em .6em;border-bottom:1px solid #ddd}td:not(:first-child){text-align:right}"
-            "img{max-width:100%}blockquote{white-space:pre-wrap;border-left:3px solid #ccc;margin-left:0;"
-            "padding-left:1em}.problems{color:#a40}</style></head><body>", f"<h1>{e(title)}</h1>"]
-    for kind, *rest in blocks:
-        if kind in ("h2", "h3", "p"):
-            body.append(f"<{kind}>{e(rest[0])}</{kind}>")
-        elif kind == "list":
-            body.append("<ul class='problems'>" + "".join(f"<li>{e(x)}</li>" for x in rest[0]) + "</ul>")
-        elif kind == "img":
-            body.append(f"<p><img src='{e(rest[0])}' alt='{e(rest[1])}'></p>")
-        elif kind == "quote":
-            body.append(f"<p><b>{e(rest[0])}</b></p><blockquote>{e(rest[1])}</blockquote>")
-        elif kind == "table":
-            header, rows = rest
-            body.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-                        + "</table>")
-    return "\n".join(body + ["</body></html>", ""])
-
-
 def write_report(runs: list[str | os.PathLike], cfg: ReportConfig, device: str = "cpu",
                  log=print) -> dict:
     """Collect every run, write ``report.md``, ``report.html`` and the plots into ``cfg.out``; returns
@@ -377,6 +332,6 @@ def write_report(runs: list[str | os.PathLike], cfg: ReportConfig, device: str =
     plots = write_overlay_plots(collected, out)
     blocks = build_blocks(collected, plots)
     title = "tinygemma report: " + ", ".join(r["name"] for r in collected)
-    atomic_write_text(out / "report.md", render_markdown(title, blocks))
-    atomic_write_text(out / "report.html", render_html(title, blocks))
+    atomic_write_text(out / "report.md", to_markdown(title, blocks))
+    atomic_write_text(out / "report.html", to_html(title, blocks))
     return {"runs": collected, "files": ["report.md", "report.html", *plots]}

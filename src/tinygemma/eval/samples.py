@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import html
 import math
 import os
 import re
@@ -15,9 +14,9 @@ from ftfy.badness import badness
 from spellchecker import SpellChecker
 
 from tinygemma.config import UserError
-from tinygemma.eval.instruct import html_section, markdown_section
+from tinygemma.eval.instruct import instruct_blocks
 from tinygemma.eval.loss import completion_loss
-from tinygemma.eval.render import format_measure, md_escape
+from tinygemma.eval.render import format_measure, to_html, to_markdown
 from tinygemma.files import atomic_write_text
 from tinygemma.generate import encode_prompts, generate_rows, unwrap
 from tinygemma.model import Gemma3
@@ -144,43 +143,21 @@ SAMPLE_MEASURES = [("ended_with_eot", "ends with <|endoftext|>"), ("repeated_4gr
             ("tokens", "tokens")]
 
 
-def render_markdown(report: dict, title: str) -> str:
+def sample_blocks(report: dict) -> list[tuple]:
+    """The samples report as :mod:`tinygemma.eval.render` blocks: the sampling settings, the overall measures,
+    each story with its own, and the instruction-following section when the report has one."""
     o = report["overall"]
-    lines = [f"# {md_escape(title)}", "", "Sampling: " + ", ".join(f"{k}={v}" for k, v in report["config"].items()), "",
-             "| " + " | ".join(md_escape(label) for _, label in SAMPLE_MEASURES) + " |",
-             "|" + "---:|" * len(SAMPLE_MEASURES),
-             "| " + " | ".join(format_measure(k, o[k]) for k, _ in SAMPLE_MEASURES) + " |", ""]
+    blocks: list[tuple] = [("p", "Sampling: " + ", ".join(f"{k}={v}" for k, v in report["config"].items())),
+                           ("table", [label for _, label in SAMPLE_MEASURES],
+                            [[format_measure(k, o[k]) for k, _ in SAMPLE_MEASURES]])]
     for s in report["samples"]:
         suffix = f" — sample {s['sample'] + 1}" if s["sample"] else ""
-        lines += [f"## {md_escape(s['prompt']) or '(empty prompt)'}{suffix}", ""]
-        story = s["prompt"] + s["text"] + (" ⟨end⟩" if s["ended_with_eot"] else " ⟨cut⟩")
-        lines += ["> " + md_escape(line) for line in story.split("\n")]
-        measures = ", ".join(f"{md_escape(label)}: {format_measure(k, s[k])}" for k, label in SAMPLE_MEASURES)
-        lines += ["", "*" + measures + "*", ""]
+        end = " ⟨end⟩" if s["ended_with_eot"] else " ⟨cut⟩"
+        blocks += [("h2", (s["prompt"] or "(empty prompt)") + suffix), ("story", s["prompt"], s["text"] + end),
+                   ("note", ", ".join(f"{label}: {format_measure(k, s[k])}" for k, label in SAMPLE_MEASURES))]
     if "instructions" in report:
-        lines.append(markdown_section(report["instructions"]))
-    return "\n".join(lines)
-
-
-def render_html(report: dict, title: str) -> str:
-    o, e = report["overall"], html.escape
-    head = "".join(f"<th>{e(label)}</th>" for _, label in SAMPLE_MEASURES)
-    body = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
-            "<style>body{font-family:sans-serif;max-width:50em;margin:auto}td,th{padding:0 .6em}"
-            "blockquote{white-space:pre-wrap;border-left:3px solid #ccc;padding-left:1em}"
-            ".m{color:#666;font-size:90%}</style></head><body>",
-            f"<h1>{e(title)}</h1><p>Sampling: {e(', '.join(f'{k}={v}' for k, v in report['config'].items()))}</p>",
-            f"<table><tr>{head}</tr><tr>"
-            + "".join(f"<td>{e(format_measure(k, o[k]))}</td>" for k, _ in SAMPLE_MEASURES) + "</tr></table>"]
-    for s in report["samples"]:
-        end = "⟨end⟩" if s["ended_with_eot"] else "⟨cut⟩"
-        body += [f"<h2>{e(s['prompt']) or '(empty prompt)'}</h2>",
-                 f"<blockquote><b>{e(s['prompt'])}</b>{e(s['text'])} {end}</blockquote>",
-                 "<p class='m'>"
-                 + ", ".join(f"{e(label)}: {e(format_measure(k, s[k]))}" for k, label in SAMPLE_MEASURES) + "</p>"]
-    if "instructions" in report:
-        body.append(html_section(report["instructions"]))
-    return "\n".join(body + ["</body></html>", ""])
+        blocks += instruct_blocks(report["instructions"])
+    return blocks
 
 
 def write_samples_report(model: Gemma3, tokenizer: Tokenizer, out_path: str | os.PathLike,
@@ -196,8 +173,9 @@ def write_samples_report(model: Gemma3, tokenizer: Tokenizer, out_path: str | os
     report = sample_report(model, tokenizer, prompts, cfg)
     if instructions is not None:
         report["instructions"] = instructions
-    atomic_write_text(out_path, render_markdown(report, title))
-    atomic_write_text(out_path.with_suffix(".html"), render_html(report, title))
+    blocks = sample_blocks(report)
+    atomic_write_text(out_path, to_markdown(title, blocks))
+    atomic_write_text(out_path.with_suffix(".html"), to_html(title, blocks))
     return report
 
 

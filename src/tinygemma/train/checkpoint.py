@@ -15,8 +15,9 @@ import torch
 from tinygemma import rundir
 from tinygemma.config import UserError, to_dict
 from tinygemma.hf_folder import write_hf_files
-from tinygemma.model import Gemma3
-from tinygemma.train.config import TrainConfig
+from tinygemma.model import Gemma3, ModelConfig
+from tinygemma.tokenizer import EOT_ID, VOCAB_SIZE
+from tinygemma.train.config import RESUMABLE_KEYS, TrainConfig, resolve_config
 from tinygemma.train.optim import Optimizers
 
 
@@ -70,6 +71,39 @@ def load_torch(path: Path, device: torch.device) -> Any:
     except Exception as e:  # truncated zip, pickle refused by weights_only, ...
         raise UserError(f"{path}: unreadable or corrupt ({type(e).__name__})") from None
 
+
+
+def resumed_config(ckpt: Path, overrides: dict[str, Any],
+                   recipe: str | None) -> tuple[TrainConfig, str | None, dict[str, Any]]:
+    """A resumed run's config (the checkpoint's, then the overrides a resume may change), its recipe and the
+    saved trainer state; a changed recipe or any other changed field is refused."""
+    saved_state, saved = rundir.read_checkpoint_meta(ckpt)
+    if recipe is not None and recipe != saved.get("recipe"):
+        raise UserError(f"--recipe {recipe} differs from the checkpoint's ({saved.get('recipe')})")
+    base = saved["train"]
+    changed = sorted(k for k in overrides if k not in RESUMABLE_KEYS and overrides[k] != base.get(k))
+    if changed:
+        raise UserError(f"cannot change {', '.join(changed)} when resuming {ckpt}")
+    return resolve_config(base, overrides), saved.get("recipe"), saved_state
+
+
+def finetune_start(checkpoint: str | Path) -> dict[str, str]:
+    """The config fields of a fine-tuning run from ``checkpoint`` (a GPT-2-tokenizer model: instruct data is
+    GPT-2 tokens)."""
+    start = rundir.resolve_checkpoint(checkpoint).resolve()
+    mc = ModelConfig.from_folder(start)
+    if mc.vocab_size != VOCAB_SIZE or mc.eot_token_id != EOT_ID:
+        raise UserError(f"{start}: not a GPT-2-tokenizer model (vocab {mc.vocab_size}, end-of-text id "
+                        f"{mc.eot_token_id}); tinygemma's instruct data is GPT-2 tokens")
+    return {"finetune_from": str(start), "model": str(start)}
+
+
+def model_card_facts(name: str, step: int, tokens: int, train_time_s: float, cfg: TrainConfig, recipe: str | None,
+                     hardware: str, val_loss: float | None, world: int, samples: list[str]) -> dict[str, Any]:
+    """What a checkpoint's model card says about its training (:class:`tinygemma.hf_folder.CardInfo`'s fields)."""
+    return {"name": name, "step": step, "tokens_seen": tokens, "recipe": recipe, "hardware": hardware,
+            "training_time_s": train_time_s, "train_config": to_dict(cfg), "val_loss": val_loss,
+            "val_tokens": cfg.eval_batches * cfg.micro_batch * cfg.block_size * world, "samples": samples}
 
 
 # -- the run folder of a new run ----------------------------------------------------------------------------

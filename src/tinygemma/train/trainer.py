@@ -30,18 +30,20 @@ from tinygemma.config import UserError, to_dict
 from tinygemma.data.dataset import TokenDataset
 from tinygemma.device import check_memory
 from tinygemma.log import warn
-from tinygemma.model import Gemma3, ModelConfig, load_model_config
+from tinygemma.model import Gemma3, load_model_config
 from tinygemma.plots import write_plots
-from tinygemma.tokenizer import EOT_ID, VOCAB_SIZE
 from tinygemma.train.checkpoint import (
     check_new_run,
     check_out_folder,
+    finetune_start,
     load_optimizer_state,
     load_torch,
+    model_card_facts,
+    resumed_config,
     set_rng_states,
     write_checkpoint,
 )
-from tinygemma.train.config import RESUMABLE_KEYS, TrainConfig, load_recipe, resolve_config
+from tinygemma.train.config import TrainConfig, load_recipe, resolve_config
 from tinygemma.train.hardware import peak_flops, peak_memory_mb, pick_device, training_bytes
 from tinygemma.train.optim import Precision, build_optimizer, explain_oom, forward_backward, lr_at, lr_factor, set_lr
 from tinygemma.train.sampler import InstructDataset, RecordSampler, Sampler
@@ -109,16 +111,9 @@ class Trainer:
         if self.ckpt is None:
             recipe = recipe or "default"
             return resolve_config(load_recipe(recipe), overrides), recipe, TrainState()
-        saved_state, saved = rundir.read_checkpoint_meta(self.ckpt)
-        if recipe is not None and recipe != saved.get("recipe"):
-            raise UserError(f"--recipe {recipe} differs from the checkpoint's ({saved.get('recipe')})")
-        base = saved["train"]
-        changed = sorted(k for k in overrides if k not in RESUMABLE_KEYS and overrides[k] != base.get(k))
-        if changed:
-            raise UserError(f"cannot change {', '.join(changed)} when resuming {self.ckpt}")
-        state = TrainState.from_checkpoint(saved_state, str(self.ckpt / rundir.TRAINER_STATE))
+        cfg, recipe, saved_state = resumed_config(self.ckpt, overrides, recipe)
         self.saved_scaler = saved_state.get("scaler")
-        return resolve_config(base, overrides), saved.get("recipe"), state
+        return cfg, recipe, TrainState.from_checkpoint(saved_state, str(self.ckpt / rundir.TRAINER_STATE))
 
     def setup(self, resume: str | None, force: bool) -> None:
         cfg = self.cfg
@@ -430,11 +425,9 @@ class Trainer:
 
     def save(self, name: str) -> Path:
         state, cfg = self.state, self.cfg
-        card = {"name": self.out.name, "step": state.step, "tokens_seen": state.tokens, "recipe": self.recipe,
-                "hardware": self.hardware, "training_time_s": state.train_time_s, "train_config": to_dict(cfg),
-                "val_loss": state.best_val_loss if name == rundir.BEST else self.last_eval["val_loss"],
-                "val_tokens": cfg.eval_batches * cfg.micro_batch * cfg.block_size * self.world,
-                "samples": self.last_eval["samples"]}
+        val_loss = state.best_val_loss if name == rundir.BEST else self.last_eval["val_loss"]
+        card = model_card_facts(self.out.name, state.step, state.tokens, state.train_time_s, cfg, self.recipe,
+                                self.hardware, val_loss, self.world, self.last_eval["samples"])
         trainer_state = {**asdict(state),
                          "schedule": {"lr": lr_at(cfg, state.step, self.total_steps()),
                                       "total_steps": self.total_steps(), "tokens_per_step": self.tokens_per_step},
@@ -471,11 +464,6 @@ def train(cfg: TrainConfig | dict[str, Any], resume: str | None = None, force: b
 def finetune(checkpoint: str | Path, overrides: dict[str, Any], *, recipe: str | None = None,
              resume: str | None = None, force: bool = False, write_samples: SamplesWriter | None = None) -> TrainState:
     """Fine-tune ``checkpoint`` on the instruct records of ``overrides["data"]``; the model is the checkpoint's."""
-    start = rundir.resolve_checkpoint(checkpoint).resolve()
-    model_cfg = ModelConfig.from_folder(start)
-    if model_cfg.vocab_size != VOCAB_SIZE or model_cfg.eot_token_id != EOT_ID:
-        raise UserError(f"{start}: not a GPT-2-tokenizer model (vocab {model_cfg.vocab_size}, end-of-text id "
-                        f"{model_cfg.eot_token_id}); tinygemma's instruct data is GPT-2 tokens")
-    overrides = {**overrides, "finetune_from": str(start), "model": str(start)}
+    overrides = {**overrides, **finetune_start(checkpoint)}
     recipe = recipe or (None if resume else "finetune")  # a resumed run keeps its own
     return Trainer(overrides, recipe=recipe, resume=resume, force=force, write_samples=write_samples).fit()
