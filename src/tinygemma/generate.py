@@ -150,6 +150,49 @@ def _new_caches(model: Gemma3, batch: int, total: int, dtype: torch.dtype, devic
     return caches
 
 
+def _left_padded(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows (each prompt ``cfg.num_samples`` times, prompt-major), left-padded with <|endoftext|> to the
+    longest: ids (B, P) and each row's padding (B,)."""
+    rows = [ids for ids in _prepare_prompts(model, prompt_ids, cfg) for _ in range(cfg.num_samples)]
+    P = max(map(len, rows))
+    pad = torch.tensor([P - len(r) for r in rows], device=device)
+    ids = torch.tensor([[model.config.eot_token_id] * (P - len(r)) + r for r in rows], device=device)
+    return ids, pad
+
+
+def _prefill(model: Gemma3, ids: torch.Tensor, pad: torch.Tensor, real: torch.Tensor,
+             caches: list[KVCache]) -> torch.Tensor:
+    """Run the left-padded prompts ``ids`` (B, P) into the caches; the last column's logits (B, vocab).
+    Causal over real tokens (+ the window on sliding layers); padding queries see only themselves, so that no
+    row of the mask is all False."""
+    P = ids.shape[1]
+    col = torch.arange(P, device=ids.device)
+    i, j = col[:, None], col[None, :]
+    causal = (j <= i)[None] & real[:, None, :P]
+    causal = causal | (i == j)[None]
+    masks = {FULL: causal[:, None], SLIDING: (causal & (i - j < model.config.sliding_window)[None])[:, None]}
+    for c in caches:
+        c.slots = col % c.size if c.ring else col
+        c.visible = P
+    positions = (col[None, :] - pad[:, None]).clamp(min=0)
+    return model(ids, positions=positions, masks=masks, cache=caches, logits_to_keep=1)[:, -1]
+
+
+def _step_masks(c_now: int, pad: torch.Tensor, real: torch.Tensor, ring_slots: torch.Tensor,
+                whole_buffer: bool) -> dict[str, torch.Tensor]:
+    """The masks of the query at column ``c_now``: the full layers' over columns <= c_now (the whole buffer when
+    compiled, so that shapes never change), the sliding layers' over the ring's slots."""
+    # ring slot s holds the latest column congruent to s (mod size) that is <= c_now
+    ring_cols = c_now - (c_now - ring_slots) % ring_slots.numel()
+    ring_mask = (ring_cols[None, :] >= pad[:, None]) & (ring_cols[None, :] >= 0)
+    col = torch.arange(real.shape[1], device=real.device)
+    full_mask = real & (col[None, :] <= c_now)
+    if not whole_buffer:
+        full_mask = full_mask[:, :c_now + 1]
+    return {FULL: full_mask[:, None, None], SLIDING: ring_mask[:, None, None]}
+
+
 @torch.inference_mode()
 def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | None = None, *,
            compile: bool = False) -> Iterator[list[int | None]]:
@@ -164,11 +207,8 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
     mc = model.config
     device = model.lm_head.weight.device
     dtype = model.lm_head.weight.dtype
-    rows = [ids for ids in _prepare_prompts(model, prompt_ids, cfg) for _ in range(cfg.num_samples)]
-    B, P = len(rows), max(map(len, rows))
-    total = P + cfg.max_new_tokens  # columns: left padding + prompt, then generated tokens
-    pad = torch.tensor([P - len(r) for r in rows], device=device)
-    ids = torch.tensor([[mc.eot_token_id] * (P - len(r)) + r for r in rows], device=device)
+    ids, pad = _left_padded(model, prompt_ids, cfg, device)
+    (B, P), total = ids.shape, ids.shape[1] + cfg.max_new_tokens  # columns: padding + prompt, then new tokens
     gen = torch.Generator(device=device)
     if cfg.seed is None:
         gen.seed()
@@ -179,17 +219,7 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
     caches = _new_caches(model, B, total, dtype, device, reuse=compile)
     col = torch.arange(total, device=device)
     real = col[None, :] >= pad[:, None]  # (B, total): column holds a real token of that row
-
-    # prefill: causal over real tokens (+ window); padding queries see only themselves (no all-masked rows)
-    i, j = col[:P, None], col[None, :P]
-    causal = (j <= i)[None] & real[:, None, :P]
-    causal = causal | (i == j)[None]
-    masks = {FULL: causal[:, None], SLIDING: (causal & (i - j < W)[None])[:, None]}
-    for c in caches:
-        c.slots = col[:P] % c.size if c.ring else col[:P]
-        c.visible = P
-    positions = (col[None, :P] - pad[:, None]).clamp(min=0)
-    logits = model(ids, positions=positions, masks=masks, cache=caches, logits_to_keep=1)[:, -1]
+    logits = _prefill(model, ids, pad, real, caches)
 
     step = model
     for c in caches:
@@ -219,13 +249,7 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
             for c in caches:
                 if not c.ring:
                     c.visible = c_now + 1
-        # ring slot s holds the latest column congruent to s (mod size) that is <= c_now
-        ring_cols = c_now - (c_now - ring_slots) % ring_slots.numel()
-        ring_mask = (ring_cols[None, :] >= pad[:, None]) & (ring_cols[None, :] >= 0)
-        full_mask = real & (col[None, :] <= c_now)
-        if not compile:
-            full_mask = full_mask[:, :c_now + 1]
-        masks = {FULL: full_mask[:, None, None], SLIDING: ring_mask[:, None, None]}
+        masks = _step_masks(c_now, pad, real, ring_slots, whole_buffer=compile)
         positions = (c_now - pad)[:, None]
         if compile and device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()

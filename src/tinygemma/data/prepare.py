@@ -101,17 +101,8 @@ def prepare(cfg: PrepareConfig, command: str | None = None, layout: Layout = PLA
               file=sys.stderr)
         return meta
     created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot create the output folder ({e.strerror})") from None
-    for name in (*SPLITS.values(), "meta.json"):  # our own temp files, left by a killed run (only ours)
-        (out / f"{name}.tmp").unlink(missing_ok=True)
+    writers = _open_writers(out, layout)
     workers = num_workers(cfg.workers)
-    try:
-        writers = {split: layout.writer(out / name) for split, name in SPLITS.items()}
-    except OSError as e:
-        raise UserError(f"{out}: cannot write ({e.strerror})") from None
     try:
         changed, nbytes = _run(inputs, writers, cfg, tok, workers, layout.encode)
         for split, w in writers.items():
@@ -120,20 +111,7 @@ def prepare(cfg: PrepareConfig, command: str | None = None, layout: Layout = PLA
                 raise UserError(f"{', '.join(i.name for i in inputs)}: no {split} {layout.unit}{why}"
                                 f"{w.empty_reason()}")
             w.finish()
-        meta = {
-            **layout.meta, "format_version": FORMAT_VERSION, **_tokenizer_info(tok), "eot_id": tok.eot_id,
-            "dtype": DTYPE,
-            "source": cfg.source, "inputs": [i.name for i in inputs],
-            "normalisation": {"strip": True, "drop_empty": True, "fix_text": cfg.fix_text,
-                              "fix_text_method": "ftfy encoding fixes only (+ bare 'â€' -> '”')" if cfg.fix_text
-                              else None, "stories_changed": changed},
-            "split": ({"method": "blake2b(story, key=seed) < val_fraction", "val_fraction": cfg.val_fraction,
-                       "seed": cfg.seed} if any(i.split == "split" for i in inputs) else "source splits"),
-            "max_stories": cfg.max_stories,
-            "splits": {split: w.info() for split, w in writers.items()},
-            "command": command,
-            "config": asdict(cfg), "fingerprint": fingerprint,
-        }
+        meta = _meta(cfg, layout, tok, inputs, writers, changed, command, fingerprint)
         tmp_meta = out / "meta.json.tmp"
         with open(tmp_meta, "w") as f:
             f.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
@@ -160,6 +138,39 @@ def prepare(cfg: PrepareConfig, command: str | None = None, layout: Layout = PLA
           f"({nbytes / 1e6 / secs:.1f} MB/s, {sum(w.tokens for w in writers.values()) / secs:,.0f} tokens/s, "
           f"{workers} workers)", file=sys.stderr)
     return meta
+
+
+def _open_writers(out: Path, layout: Layout) -> dict[str, SplitWriter]:
+    """The output folder, cleared of the temp files a killed run of ours left, and a writer per split."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    for name in (*SPLITS.values(), "meta.json"):  # our own temp files, left by a killed run (only ours)
+        (out / f"{name}.tmp").unlink(missing_ok=True)
+    try:
+        return {split: layout.writer(out / name) for split, name in SPLITS.items()}
+    except OSError as e:
+        raise UserError(f"{out}: cannot write ({e.strerror})") from None
+
+
+def _meta(cfg: PrepareConfig, layout: Layout, tok: Tokenizer, inputs: list[Input], writers: dict[str, SplitWriter],
+          changed: int, command: str | None, fingerprint: dict) -> dict:
+    """meta.json: the format, tokenizer, source, normalisation, split rule, each split's files and hashes."""
+    return {
+        **layout.meta, "format_version": FORMAT_VERSION, **_tokenizer_info(tok), "eot_id": tok.eot_id,
+        "dtype": DTYPE,
+        "source": cfg.source, "inputs": [i.name for i in inputs],
+        "normalisation": {"strip": True, "drop_empty": True, "fix_text": cfg.fix_text,
+                          "fix_text_method": "ftfy encoding fixes only (+ bare 'â€' -> '”')" if cfg.fix_text
+                          else None, "stories_changed": changed},
+        "split": ({"method": "blake2b(story, key=seed) < val_fraction", "val_fraction": cfg.val_fraction,
+                   "seed": cfg.seed} if any(i.split == "split" for i in inputs) else "source splits"),
+        "max_stories": cfg.max_stories,
+        "splits": {split: w.info() for split, w in writers.items()},
+        "command": command,
+        "config": asdict(cfg), "fingerprint": fingerprint,
+    }
 
 
 def _run(inputs: list[Input], writers: dict[str, SplitWriter], cfg: PrepareConfig, tok: Tokenizer,
