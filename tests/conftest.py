@@ -18,6 +18,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     path = Path(os.environ.get("TINYSTORIES_DIR", SHARED / "tinystories"))
@@ -54,8 +59,23 @@ def data_dir(tmp_path_factory, sample_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_run(data_dir, tmp_path_factory):
+    """The unit tests' run folder, trained in-process with the library (no CLI, no samples report): the tiny
+    preset (MQA, a 16-token window shorter than the test sequences, a full-attention layer), all-AdamW,
+    20 steps of 1 x 32 tokens, evaluations at 10 and 20, checkpoints every 5 keeping the last 2."""
+    from tinygemma.train.trainer import train
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    train({"data": str(data_dir), "out": str(out), "model": "tiny", "block_size": 32, "micro_batch": 1,
+           "grad_accum": 1, "lr": 1e-2, "eval_batches": 1, "log_interval": 1, "progress": False, "max_steps": 20,
+           "eval_interval": 10, "save_interval": 5, "keep_last": 2}, recipe="adamw")
+    return out
+
+
+@pytest.fixture(scope="session")
 def short_run(data_dir, tmp_path_factory):
-    """A 20-step tiny-preset run with evaluations at 10 and 20 and samples reports."""
+    """A 20-step tiny-preset run through the CLI (`tinygemma train`, default recipe), with evaluations at 10
+    and 20 and samples reports: for the end-to-end tests (marked slow)."""
     from tinygemma.cli import main
 
     out = tmp_path_factory.mktemp("run")

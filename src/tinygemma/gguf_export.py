@@ -33,8 +33,6 @@ from tinygemma.rundir import resolve_checkpoint
 from tinygemma.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, get_encoding
 
 ARCH = "gemma3"
-
-
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 
 

@@ -22,8 +22,6 @@ from tinygemma.sampling import SamplingConfig
 from tinygemma.tokenizer import EOT_ID, EOT_TOKEN, get_encoding
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
 HF_FILES = (*MODEL_FILES, *TOKENIZER_FILES, "generation_config.json", "README.md")
 
 

@@ -39,4 +39,7 @@ def install_handler() -> None:
 
 
 def warn(message: str) -> None:
+    # a library user who configured logging keeps control; otherwise the same line as the command's
+    if not logger.handlers and not logging.getLogger().handlers:
+        install_handler()
     logger.warning(message)

@@ -12,19 +12,13 @@ from dataclasses import dataclass, field
 from tinygemma.config import UserError
 
 PROMPT_VERSION = 1  # the prompt layout below; recorded in meta.json
-
-
 FEATURES = ("Dialogue", "BadEnding", "MoralValue", "Twist", "Foreshadowing", "Conflict")
 
 
 # header label -> Record field, in the order build_prompt uses by default: the dataset's first record has
 # Features, Words, Summary (the order varies from record to record); the fixture shows no Random sentence.
 HEADERS = {"Features": "features", "Words": "words", "Summary": "summary", "Random sentence": "sentence"}
-
-
 LABELS = {f: label for label, f in HEADERS.items()}
-
-
 STORY_HEADER = "Story: \n\n"
 
 
@@ -165,14 +159,8 @@ smile start tell thank think try turn want
 
 
 _LOWER_WORD = re.compile(r"(?<![\w'’])[a-z]+(?![\w'’])")
-
-
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
 _QUOTE = re.compile(r"[\"“][^\"“”\n]*\w[^\"“”\n]*[\"”]")
-
-
 _MORAL = re.compile(r"\bmoral\b|\blearned (?:an? |the |(?:his|her|their|our|my) )?(?:\w+ )?lesson\b", re.I)
 
 
@@ -238,11 +226,7 @@ _IRREGULAR_FORMS = {
 
 
 IRREGULAR = {form: base for base, forms in _IRREGULAR_FORMS.items() for form in forms.split()}
-
-
 _VOWEL = re.compile("[aeiouy]")
-
-
 LETTERS_RE = re.compile(r"[a-z]+")
 
 

@@ -33,26 +33,12 @@ from tinygemma.files import atomic_write_text
 from tinygemma.log import warn
 
 BEST = "best"
-
-
 METRICS = "metrics.jsonl"
-
-
 RUN_CONFIG = "run_config.json"
-
-
 TRAINER_STATE = "trainer_state.json"
-
-
 LOCK = ".lock"
-
-
 MODEL_FILES = ("config.json", "model.safetensors")
-
-
 TRAINER_FILES = ("optimizer.pt", "rng_state.pt", TRAINER_STATE, RUN_CONFIG)
-
-
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 

@@ -20,20 +20,10 @@ from tiktoken_ext.openai_public import r50k_pat_str
 from tinygemma.config import UserError
 
 ENV_BPE = "TINYGEMMA_GPT2_BPE"
-
-
 GPT2_BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-
-
 EOT_TOKEN = "<|endoftext|>"
-
-
 EOT_ID = 50256
-
-
 VOCAB_SIZE = 50257
-
-
 NAME = "gpt2"
 
 

@@ -12,9 +12,8 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_run import one_line_error, tree_hash
-from test_serve import tiny_model
 
+from tests.helpers import one_line_error, tiny_model, tree_hash
 from tinygemma import rundir
 from tinygemma.cli import main
 from tinygemma.data.config import PrepareConfig
@@ -29,10 +28,10 @@ as_root = pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read
 
 
 @pytest.fixture
-def ckpt(short_run, tmp_path):
-    """A copy of the short run's best/ checkpoint (tests may damage it)."""
+def ckpt(tiny_run, tmp_path):
+    """A copy of the in-process tiny run's best/ checkpoint (tests may damage it)."""
     path = tmp_path / "best"
-    shutil.copytree(short_run / rundir.BEST, path)
+    shutil.copytree(tiny_run / rundir.BEST, path)
     return path
 
 
@@ -125,9 +124,9 @@ def test_eval_with_broken_run_config(ckpt, data_dir, capsys):
 
 
 @pytest.fixture
-def run_copy(short_run, tmp_path):
+def run_copy(tiny_run, tmp_path):
     copy = tmp_path / "run"
-    shutil.copytree(short_run, copy)
+    shutil.copytree(tiny_run, copy)
     return copy
 
 
@@ -190,7 +189,7 @@ def test_request_body_too_slow(studio, monkeypatch):
 
 
 # -- 12: files follow the umask --------------------------------------------------------------------------------
-def test_export_and_checkpoints_follow_the_umask(ckpt, short_run, tmp_path):
+def test_export_and_checkpoints_follow_the_umask(ckpt, tiny_run, tmp_path):
     mask = os.umask(0o022)
     try:
         assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 0
@@ -200,7 +199,7 @@ def test_export_and_checkpoints_follow_the_umask(ckpt, short_run, tmp_path):
     assert stat.S_IMODE((tmp_path / "hf" / "model.safetensors").stat().st_mode) == 0o644
     current = os.umask(0)
     os.umask(current)
-    mode = stat.S_IMODE((short_run / rundir.BEST / "model.safetensors").stat().st_mode)
+    mode = stat.S_IMODE((tiny_run / rundir.BEST / "model.safetensors").stat().st_mode)
     assert mode == 0o666 & ~current
 
 

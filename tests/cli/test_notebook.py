@@ -10,7 +10,7 @@ import pytest
 
 from tinygemma.prompts import TUTORIAL_PROMPTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "inference.ipynb"
 # an absolute path of the machine that ran the notebook (a relative "../tmp/..." is fine)
 ABSOLUTE = re.compile(r"(?<![\w.~])/(?:work|root|tmp|home|Users|usr|opt|var|private)/|site-packages")

@@ -287,6 +287,7 @@ def test_logits_to_keep_is_the_same_logits(model):
         assert torch.equal(model(x, logits_to_keep=0), model(x))
 
 
+@pytest.mark.slow  # runs torch.compile (tens of seconds of compilation on a CPU)
 def test_compiled_decoding_equals_eager(model):
     # the compiled step attends over the whole (masked) buffer, so its shapes never change
     prompts = prompts_of([40, 3, 17])

@@ -4,7 +4,7 @@ generate → eval → serve → export → cli). Imports inside functions count:
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "src" / "tinygemma"
+PKG = Path(__file__).resolve().parents[2] / "src" / "tinygemma"
 # Lowest first. A module may import its own layer or a lower one. Decoding sits below evaluation because the
 # samples report, `eval --instruct` and the judge sample stories; training writes its samples report through a
 # callback, so it needs no decoding at all.

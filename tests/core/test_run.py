@@ -1,7 +1,6 @@
 """The run folder (tinygemma.run): resolving and resuming checkpoints, atomic deletion and crash recovery,
 one trainer per folder, metrics that survive a kill mid-append, reports that never leave the folder."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import one_line_error, tree_hash
 from tinygemma import rundir
 from tinygemma.cli import main
 from tinygemma.config import UserError
@@ -21,20 +21,17 @@ TRAIN = ["--model", "tiny", "--block-size", "32", "--micro-batch", "4", "--grad-
          "--eval-batches", "1", "--log-interval", "1", "--no-progress"]
 
 
-def tree_hash(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != rundir.LOCK}
-
-
-def one_line_error(capsys, *argv: str) -> str:
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    """A copy of the in-process 20-step run (tests may damage it)."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    return copy
 
 
 @pytest.fixture
-def run_copy(short_run, tmp_path) -> Path:
+def cli_run_copy(short_run, tmp_path) -> Path:
+    """A copy of the CLI-trained 20-step run, for the end-to-end resume tests."""
     copy = tmp_path / "run"
     shutil.copytree(short_run, copy)
     return copy
@@ -77,7 +74,8 @@ def test_kill_while_pruning_leaves_only_complete_checkpoints(data_dir, tmp_path)
 
 
 @pytest.mark.slow
-def test_resume_auto_from_best_alone(run_copy, data_dir):
+def test_resume_auto_from_best_alone(cli_run_copy, data_dir):
+    run_copy = cli_run_copy
     for _, path in rundir.checkpoints(run_copy):
         shutil.rmtree(path)
     assert main(["train", "--data", str(data_dir), "--out", str(run_copy), "--resume", "auto", "--no-progress",
@@ -123,7 +121,8 @@ def test_lock_of_a_killed_trainer_is_not_stale(tmp_path):
 
 
 @pytest.mark.slow
-def test_half_written_metrics_line_is_dropped_on_resume(run_copy, data_dir, capsys):
+def test_half_written_metrics_line_is_dropped_on_resume(cli_run_copy, data_dir, capsys):
+    run_copy = cli_run_copy
     with open(run_copy / rundir.METRICS, "a") as f:
         f.write('{"step": 21, "train_lo')
     assert main(["train", "--data", str(data_dir), "--out", str(run_copy), "--resume", "auto", "--no-progress",

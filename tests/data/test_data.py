@@ -25,7 +25,7 @@ from tinygemma.data.prepare import prepare
 from tinygemma.data.sources import repair_mojibake
 
 EOT = 50256
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _bytes(d: Path) -> dict[str, bytes]:

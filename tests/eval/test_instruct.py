@@ -17,7 +17,7 @@ from tinygemma.eval.instruct import check_story, masked_loss, uses_word, wilson
 from tinygemma.prompts import Malformed, Record, build_prompt, derive_record, parse_record, stem
 from tinygemma.train.sampler import PAD_MULTIPLE, InstructDataset
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories-instruct" / \
+FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinystories-instruct" / \
     "TinyStories-Instruct-sample.txt"
 EOT = "<|endoftext|>"
 

@@ -3,14 +3,26 @@ greedy decoding in transformers equals `tinygemma generate --greedy`, token for 
 
 import json
 
+import pytest
 import torch
 import transformers
 
 from tinygemma.cli import main
+from tinygemma.data.config import PrepareConfig
+from tinygemma.data.prepare import prepare
 
 PROMPTS = ["Once upon a time", "A little girl went to the woods and found a big red ball under a tree"]
 
 
+@pytest.fixture(scope="module")
+def eval_data(sample_dir, tmp_path_factory):
+    """10 stories per split: an evaluation of the whole split stays quick."""
+    out = tmp_path_factory.mktemp("eval-data")
+    prepare(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=10, workers=1))
+    return out
+
+
+@pytest.mark.slow  # the CLI-trained run's outputs: `tinygemma train --samples` end to end
 def test_checkpoint_folder_is_a_complete_hf_model(short_run):
     best = short_run / "best"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -24,8 +36,8 @@ def test_checkpoint_folder_is_a_complete_hf_model(short_run):
     assert "samples at step 20" in (short_run / "samples.md").read_text()
 
 
-def test_transformers_greedy_generate_equals_tinygemma_generate(short_run, capsys):
-    best = short_run / "best"
+def test_transformers_greedy_generate_equals_tinygemma_generate(tiny_run, capsys):
+    best = tiny_run / "best"
     assert main(["generate", str(best), *sum((["--prompt", p] for p in PROMPTS), []), "--greedy",
                  "--max-new-tokens", "40", "--json"]) == 0
     ours = [s["tokens"] for s in json.loads(capsys.readouterr().out)["samples"]]
@@ -42,7 +54,7 @@ def test_transformers_greedy_generate_equals_tinygemma_generate(short_run, capsy
     assert text.startswith(PROMPTS[0]) and len(text) > len(PROMPTS[0])
 
 
-def test_eval_defaults_to_the_trained_block_size(short_run, data_dir, capsys):
-    assert main(["eval", str(short_run), "--data", str(data_dir), "--json"]) == 0
+def test_eval_defaults_to_the_trained_block_size(tiny_run, eval_data, capsys):
+    assert main(["eval", str(tiny_run), "--data", str(eval_data), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["block_size"] == 32  # short_run trained with --block-size 32
+    assert result["block_size"] == 32  # tiny_run trained with block size 32

@@ -7,35 +7,17 @@ import time
 
 import httpx
 import pytest
-import torch
 
+from tests.helpers import tiny_model
 from tinygemma.cli import main
 from tinygemma.config import UserError
 from tinygemma.generate import encode_prompts, generate_ids
-from tinygemma.model import Gemma3, load_model_config
 from tinygemma.prompts import build_prompt
 from tinygemma.rundir import latest_report, read_metrics, resolve_checkpoint
 from tinygemma.sampling import SamplingConfig
 from tinygemma.serve.app import STATIC, create_app, is_loopback, serve_in_thread
 from tinygemma.serve.config import ServeConfig
 from tinygemma.serve.engine import _Row
-
-
-def tiny_model(delay: float = 0.0, fail: bool = False) -> Gemma3:
-    """The tiny preset with fixed random weights; ``delay`` seconds per forward pass stands in for a big model."""
-    torch.manual_seed(0)
-    model = Gemma3(load_model_config("tiny")).eval()
-    forward = model.forward
-
-    def slow_forward(*args, **kwargs):
-        if fail:
-            raise RuntimeError("secret detail /home/someone/model.py")
-        time.sleep(delay)
-        return forward(*args, **kwargs)
-
-    if delay or fail:
-        model.forward = slow_forward
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from tinygemma.prompts import build_prompt
 from tinygemma.serve.app import create_app, serve_in_thread
 from tinygemma.serve.openai import EXAMPLE_PROMPTS
 
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "studio.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "studio.png"
 
 
 @pytest.fixture()

@@ -108,6 +108,7 @@ def test_sampler_windows_are_deterministic_and_shared_by_layouts():
 
 
 # -- training --------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the CLI-trained run: `tinygemma train --samples`, 20 steps of the default recipe
 def test_loss_falls_and_metrics_plots_checkpoints_appear(short_run):
     rows = metrics(short_run)
     assert [r["step"] for r in rows] == list(range(1, 21))
@@ -140,12 +141,12 @@ def _tiny_params():
     return Gemma3(load_model_config("tiny")).parameters()
 
 
-def test_checkpoint_loads_in_transformers_with_matching_logits(short_run):
+def test_checkpoint_loads_in_transformers_with_matching_logits(tiny_run):
     transformers = pytest.importorskip("transformers")
     from tinygemma.model import Gemma3
 
-    ours = Gemma3.from_pretrained(short_run / "best").eval()
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(short_run / "best", dtype=torch.float32).eval()
+    ours = Gemma3.from_pretrained(tiny_run / "best").eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tiny_run / "best", dtype=torch.float32).eval()
     ids = torch.randint(0, 50257, (2, 40))  # longer than the tiny preset's 16-token window
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
@@ -295,6 +296,7 @@ def test_nonfinite_values_stop_and_keep_last_checkpoint(data_dir, tmp_path, caps
 
 
 # -- fp16 with loss scaling, out of memory ----------------------------------------------------------------
+@pytest.mark.slow  # trains through the CLI twice (8 fp16 steps, emulated on CPU, then a resume to 10)
 def test_fp16_overflow_is_skipped_lowers_the_scale_and_resumes_with_it(data_dir, tmp_path, monkeypatch, capsys):
     from tinygemma.train import trainer as train_module  # the module that calls forward_backward
 
@@ -351,7 +353,8 @@ def _cli_error(capsys, *args: str) -> str:
     return err
 
 
-def test_bad_inputs_are_one_line_errors(data_dir, short_run, tmp_path, capsys):
+def test_bad_inputs_are_one_line_errors(data_dir, tiny_run, tmp_path, capsys):
+    short_run = tiny_run  # any run folder with checkpoint-20 (the in-process one: no CLI training here)
     common = ["--data", str(data_dir), *BASE, "--max-steps", "2"]
     out = ["--out", str(tmp_path / "new")]
     assert "CUDA is not available" in _cli_error(capsys, *common, *out, "--device", "cuda")

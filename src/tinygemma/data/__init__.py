@@ -1,0 +1,1 @@
+"""Stage 1, `tinygemma prepare`: stories (or instruct records) into token files; numpy + tiktoken, no torch."""

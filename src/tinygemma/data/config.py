@@ -8,11 +8,7 @@ from tinygemma.config import UserError
 
 FORMAT_VERSION = 1
 HUB_REPO = "roneneldan/TinyStories"
-
-
 DTYPE = "uint16"
-
-
 SPLITS = {"train": "train.bin", "val": "val.bin"}
 
 

@@ -17,23 +17,12 @@ from tinygemma.data.config import PrepareConfig
 from tinygemma.tokenizer import EOT_TOKEN
 
 HUB_SPLITS = {"train": "train", "val": "validation"}
-
-
 TXT_FILES = {"train": "TinyStories-train.txt", "val": "TinyStories-valid.txt"}
-
-
 TXT_FILES_V2 = {"train": "TinyStoriesV2-GPT4-train.txt", "val": "TinyStoriesV2-GPT4-valid.txt"}
-
-
 TEXT_FIELDS = ("text", "story")  # the hub's Parquet has "text"; the original JSON archive has "story"
-
-
 SEPARATOR = EOT_TOKEN.encode()
-
-
+BATCH_BYTES = 1 << 20  # text per task: large enough to amortise pickling, small enough to keep memory flat
 MAX_STORY_BYTES = 64 << 20  # a "story" this long means the file is not in the separator format
-
-
 READ_BYTES = 1 << 20
 
 
@@ -56,8 +45,6 @@ _BARE_RDQUO = re.compile("â€(?![" + re.escape(_continuation_chars()) + "])")
 # UTF-8 read as cp1252/latin-1 always shows a lead byte (0xC2-0xF4 -> "Â".."ô") before a continuation
 # byte; text without that pair is left alone without calling ftfy (which costs ~1 ms per story).
 _MOJIBAKE_HINT = re.compile("[\u00c2-\u00f4][" + re.escape(_continuation_chars()) + "]")
-
-
 _FTFY_CONFIG: Any = None
 
 
@@ -354,6 +341,3 @@ def _folder_inputs(path: Path, cfg: PrepareConfig) -> list[Input]:
                         f"files; refusing to guess. Pass --source with one file to split it "
                         f"({cfg.val_fraction:.0%} val, seed {cfg.seed})")
     return [file_input(p, split) for split in ("train", "val") for p in by_split[split]]
-
-
-BATCH_BYTES = 1 << 20  # text per task: large enough to amortise pickling, small enough to keep memory flat

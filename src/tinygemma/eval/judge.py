@@ -36,17 +36,9 @@ from tinygemma.config import UserError
 from tinygemma.files import atomic_write_text
 
 RUBRIC_VERSION = "tinystories-paper-v1"  # part of the cache key: change it whenever RUBRIC changes
-
-
 CRITERIA = ("grammar", "creativity", "consistency", "plot")
-
-
 AGE_GROUPS = {"A": "3 or under", "B": "4-5", "C": "6-7", "D": "8-9", "E": "10-12", "F": "13-16"}
-
-
 MARKER = "***"
-
-
 RUBRIC = """In the following exercise, the student is given the beginning of a story and has to complete it \
 into a full story. The exercise tests the student's language abilities and creativity. The symbol *** marks \
 where the given beginning ends and the student's completion starts:

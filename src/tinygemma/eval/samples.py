@@ -138,9 +138,9 @@ def sample_report(model: Gemma3, tokenizer: Tokenizer, prompts: list[str] | None
 
 
 SAMPLE_MEASURES = [("ended_with_eot", "ends with <|endoftext|>"), ("repeated_4gram_rate", "repeated 4-grams"),
-            ("distinct_2", "distinct-2"), ("mojibake", "mojibake"), ("mean_token_loss", "mean token loss"),
-            ("nonwords_per_100", "non-words per 100 words"), ("reading_level", "Flesch-Kincaid grade"),
-            ("tokens", "tokens")]
+                   ("distinct_2", "distinct-2"), ("mojibake", "mojibake"), ("mean_token_loss", "mean token loss"),
+                   ("nonwords_per_100", "non-words per 100 words"), ("reading_level", "Flesch-Kincaid grade"),
+                   ("tokens", "tokens")]
 
 
 def sample_blocks(report: dict) -> list[tuple]:

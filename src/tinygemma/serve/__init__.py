@@ -1,0 +1,1 @@
+"""The studio and the OpenAI-style API (`tinygemma serve`): settings, decoding engine, request schema, app."""

@@ -58,8 +58,6 @@ STATIC = Path(__file__).parent / "static"
 
 
 MAX_BODY_BYTES = 1 << 20  # a request body (a completion request is a few KB)
-
-
 BODY_TIMEOUT_S = 10.0  # to receive a whole body: a client trickling one byte at a time holds no slot for long
 
 

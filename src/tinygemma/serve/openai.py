@@ -16,11 +16,7 @@ from tinygemma.serve.config import ServeConfig, log
 from tinygemma.serve.engine import Engine, Job, Result
 
 EXAMPLE_PROMPTS = TUTORIAL_PROMPTS  # one-click examples on the story page
-
-
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
-
-
 MAX_STOP_CHARS = 64
 
 

@@ -1,0 +1,1 @@
+"""Stage 2, `tinygemma train` / `finetune`: config and recipes, batches, optimizers, the Trainer, checkpoints."""

@@ -18,12 +18,10 @@ from typing import Any
 
 from tinygemma.config import UserError, from_dict, load_json, parse_override
 
+OPTIMIZERS = ("adamw", "muon")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 RECIPES_DIR = Path(__file__).with_name("recipes")
-
-
 BUDGET_KEYS = ("max_steps", "max_tokens", "time_budget")
-
-
 MUON_KEYS = ("muon_lr", "muon_weight_decay", "muon_momentum")
 
 
@@ -184,9 +182,3 @@ def resolve_config(base: dict[str, Any], overrides: dict[str, Any]) -> TrainConf
             merged[k] = None
     merged.update(overrides)
     return from_dict(TrainConfig, merged, "config")
-
-
-OPTIMIZERS = ("adamw", "muon")
-
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")

@@ -1,0 +1,40 @@
+"""Helpers shared by test modules in several folders (import them as ``from tests.helpers import ...``)."""
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+
+from tinygemma import rundir
+from tinygemma.cli import main
+from tinygemma.model import Gemma3, load_model_config
+
+
+def tree_hash(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != rundir.LOCK}
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def tiny_model(delay: float = 0.0, fail: bool = False) -> Gemma3:
+    """The tiny preset with fixed random weights; ``delay`` seconds per forward pass stands in for a big model."""
+    torch.manual_seed(0)
+    model = Gemma3(load_model_config("tiny")).eval()
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        if fail:
+            raise RuntimeError("secret detail /home/someone/model.py")
+        time.sleep(delay)
+        return forward(*args, **kwargs)
+
+    if delay or fail:
+        model.forward = slow_forward
+    return model
