@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tinygemma.cli.args import add_dataclass_args, dataclass_overrides
-from tinygemma.eval.samples import write_samples
 from tinygemma.train.config import TrainConfig, parse_sets
-from tinygemma.train.trainer import finetune, train
 
 
 # -- command line ---------------------------------------------------------------------------------------
@@ -40,12 +38,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from tinygemma.eval.samples import write_samples  # torch: only when a run starts, not for --help
+    from tinygemma.train.trainer import train
+
     overrides = {**dataclass_overrides(args, TrainConfig), **parse_sets(args.sets)}
     train(overrides, recipe=args.recipe, resume=args.resume, force=args.force, write_samples=write_samples)
     return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from tinygemma.eval.samples import write_samples  # torch: only when a run starts, not for --help
+    from tinygemma.train.trainer import finetune
+
     overrides = {**dataclass_overrides(args, TrainConfig), **parse_sets(args.sets)}
     finetune(args.checkpoint, overrides, recipe=args.recipe, resume=args.resume, force=args.force,
              write_samples=write_samples)
