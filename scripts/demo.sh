@@ -29,7 +29,7 @@ step "3/5 eval: the whole validation split"
 $TINYGEMMA eval "$OUT" --data "$DATA" --block-size 128
 
 step "4/5 samples: the tutorial's five prompts -> $OUT/samples.md (+ .html)"
-$TINYGEMMA samples "$OUT" --out "$OUT/samples.md" --max-new-tokens 150
+$TINYGEMMA samples "$OUT" --out "$OUT/samples.md" --force --max-new-tokens 150  # replaces training's last report
 
 step "5/5 generate: a story from $OUT/best"
 $TINYGEMMA generate "$OUT" --prompt "Once upon a time there was a pumpkin." --seed 0 --max-new-tokens 200

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from tinygemma.config import UserError
+from tinygemma.files import check_output_file
 from tinygemma.hf_folder import human_count
 from tinygemma.model import FULL, SLIDING, Gemma3, ModelConfig
 from tinygemma.rundir import resolve_checkpoint
@@ -210,6 +211,10 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, dtype: str = 
         raise UserError(f"{out}: is a folder; name the .gguf file to write")
     if out.exists() and not force:
         raise UserError(f"{out}: exists (use --force to replace it)")
+    try:
+        check_output_file(out, "OUT")
+    except UserError as e:
+        raise UserError(f"{e}: cannot write there") from None
     src = resolve_checkpoint(source)
     if out.exists() and out.resolve().parent == src.resolve():
         raise UserError(f"{out}: would replace a file of the checkpoint {src}; choose another path")

@@ -66,6 +66,13 @@ def is_resumable(path: Path) -> bool:
     return is_model_folder(path) and all((Path(path) / name).is_file() for name in TRAINER_FILES)
 
 
+def is_run_folder(path: str | Path) -> bool:
+    """A run folder (or a checkpoint in one): something ``train`` wrote, which ``report`` and ``serve`` read."""
+    path = Path(path)
+    return path.is_dir() and ((path / RUN_CONFIG).is_file() or (path / METRICS).is_file()
+                              or is_model_folder(path) or (path / BEST).is_dir() or bool(checkpoints(path)))
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """The model folder of a checkpoint or run folder: itself, the run's ``best/``, else its newest
     ``checkpoint-STEP/`` (a run still before its first evaluation)."""

@@ -17,8 +17,10 @@ def cli_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one ``--flag`` per scalar field of ``cls``; unset flags stay None (no override)."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                       defaults: dict[str, Any] | None = None) -> None:
+    """Add one ``--flag`` per scalar field of ``cls``; unset flags stay None (no override). The help shows
+    ``defaults`` (e.g. a recipe's values) over the fields' own."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
@@ -28,6 +30,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         base = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
         default = f.default if f.default is not dataclasses.MISSING else None
+        default = (defaults or {}).get(f.name, default)
         helptext = (f.metadata.get("help", "") + f" (default: {default})").strip()
         if base is bool:
             group.add_argument(cli_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,

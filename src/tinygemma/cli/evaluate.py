@@ -15,7 +15,7 @@ from tinygemma.cli.args import (
     dataclass_overrides,
     sampling_config_from_args,
 )
-from tinygemma.config import from_dict
+from tinygemma.config import UserError, from_dict
 from tinygemma.device import parse_device
 from tinygemma.eval.instruct import evaluate_instructions, summary_lines
 from tinygemma.eval.loss import EvalConfig, evaluate_checkpoint
@@ -37,6 +37,10 @@ def evaluate_from_args(model: torch.nn.Module, args: argparse.Namespace, out: st
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.report is not None:
+        if args.instruct is None:
+            raise UserError("--report needs --instruct DATA (it writes the instruction-following result)")
+        check_output_file(args.report, "--report", force=args.force)
     if args.instruct is not None:
         return _eval_instruct(args)
     cfg = from_dict(EvalConfig, dataclass_overrides(args, EvalConfig), "eval")
@@ -68,8 +72,8 @@ def _samples(args: argparse.Namespace) -> int:
     cfg = sampling_config_from_args(args)
     if cfg.seed is None:
         cfg.seed = REPORT_SEED
-    out = check_output_file(args.out, "--out")
-    check_output_file(out.with_suffix(".html"), "--out")
+    out = check_output_file(args.out, "--out", force=args.force)
+    check_output_file(out.with_suffix(".html"), "--out", force=args.force)
     prompts = TUTORIAL_PROMPTS + (read_prompts(args.prompts) if args.prompts else [])
     model = load_checkpoint(args.checkpoint, device=parse_device(args.device))
     instructions = evaluate_from_args(model, args) if args.instruct is not None else None
@@ -93,6 +97,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_eval_args(p)
     p.add_argument("--report", metavar="FILE", help="with --instruct: also write the result as JSON "
                    "(e.g. instruct_eval.json)")
+    p.add_argument("--force", action="store_true", help="replace an existing --report file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_device_arg(p)
     p.set_defaults(func=_eval)
@@ -103,6 +108,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="samples.md", help="Markdown report path; the HTML twin goes beside it")
     add_dataclass_args(p, SamplingConfig)
     add_eval_args(p)
+    p.add_argument("--force", action="store_true", help="replace an existing report (--out and its .html twin)")
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
     add_device_arg(p)
     p.set_defaults(func=_samples)

@@ -37,10 +37,11 @@ def _generate(args: argparse.Namespace) -> int:
     if any(len(p) > keep for p in prompt_ids):
         warn(f"prompt longer than {keep} tokens (context {model.config.context_length} - max_new_tokens); "
              f"keeping its last {keep}")
-    rows = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]
+    n_rows = len(prompts) * cfg.num_samples  # checked before the rows are listed: a huge count is refused at once
     columns = min(max(map(len, prompt_ids)) + 1 + cfg.max_new_tokens, model.config.context_length)
-    need = generation_bytes(model.config, len(rows), columns, model.lm_head.weight.dtype)
-    check_memory(need, device, f"generating {len(rows)} rows", "--num-samples or --max-new-tokens")
+    need = generation_bytes(model.config, n_rows, columns, model.lm_head.weight.dtype)
+    check_memory(need, device, f"generating {n_rows} rows", "--num-samples or --max-new-tokens")
+    rows = [(p, s) for p in range(len(prompts)) for s in range(cfg.num_samples)]
     live = not args.no_stream and not args.json and len(rows) == 1
     printer = _RowPrinter(tok, prompts, rows, live)
     if live:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 from tinygemma.cli import COMMANDS
 from tinygemma.config import UserError
+from tinygemma.rundir import resolve_checkpoint
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -15,7 +17,10 @@ def _info(args: argparse.Namespace) -> int:
 
     if args.seq_len < 1:
         raise UserError(f"--seq-len must be >= 1, got {args.seq_len}")
-    cfg = load_model_config(args.target or args.model)
+    target = args.target
+    if target and Path(target).is_dir() and not (Path(target) / "config.json").is_file():
+        target = str(resolve_checkpoint(target))  # a run folder: its best/ (else its newest checkpoint)
+    cfg = load_model_config(target or args.model)
     sizes = cfg.param_breakdown()
     flops = cfg.flops_per_token(args.seq_len)
     if args.json:
@@ -30,7 +35,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help=COMMANDS["info"][1])
-    info.add_argument("target", nargs="?", help="a checkpoint folder or config file (instead of --model)")
+    info.add_argument("target", nargs="?", help="a checkpoint or run folder, or a config file (instead of --model)")
     info.add_argument("--model", default="gemma3-270m", help="preset name or config file (default: gemma3-270m)")
     info.add_argument("--seq-len", type=int, default=128, help="sequence length for the FLOPs count")
     info.add_argument("--json", action="store_true", help="machine-readable output")

@@ -30,6 +30,7 @@ from tinygemma.data.dataset import TokenDataset
 from tinygemma.data.sources import Input, Task, resolve_source
 from tinygemma.data.workers import TaskResult, encode_task, job_ready, num_workers, start_workers
 from tinygemma.data.writer import SplitWriter, Written, discard_outputs, fsync_dir, sha256
+from tinygemma.log import progress
 from tinygemma.tokenizer import Tokenizer
 
 
@@ -182,12 +183,10 @@ def _run(inputs: list[Input], writers: dict[str, SplitWriter], cfg: PrepareConfi
     worker and encodes the next task itself whenever it would otherwise wait, so that with one worker
     per core no core is left to a process that only dispatches; the split of the work adapts to how
     much time reading and writing leave it."""
-    from tqdm import tqdm
-
     pool = start_workers(cfg, tok, workers)
     total = None if any(i.size is None for i in inputs) else sum(i.size for i in inputs)
-    out = Written(inputs, writers, cfg.max_stories, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000,
-                                                          desc="prepare", dynamic_ncols=True, mininterval=0.5))
+    out = Written(inputs, writers, cfg.max_stories, progress(total, unit="B", unit_scale=True, unit_divisor=1000,
+                                                              desc="prepare", mininterval=0.5))
     tasks = out.tasks()
     pending: collections.deque = collections.deque()  # (input, _Result or the pool's AsyncResult), in order
     try:

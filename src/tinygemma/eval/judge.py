@@ -22,23 +22,36 @@ import json
 import math
 import os
 import re
-import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from tinygemma.config import UserError
+from tinygemma.config import UserError, load_json
 from tinygemma.files import atomic_write_text
+from tinygemma.log import progress as progress_bar
 
 RUBRIC_VERSION = "tinystories-paper-v1"  # part of the cache key: change it whenever RUBRIC changes
 CRITERIA = ("grammar", "creativity", "consistency", "plot")
 AGE_GROUPS = {"A": "3 or under", "B": "4-5", "C": "6-7", "D": "8-9", "E": "10-12", "F": "13-16"}
 MARKER = "***"
+
+
+OUTPUT_FILES = ("grades.jsonl", "judge_summary.json")
+
+
+def is_judge_folder(folder: Path) -> bool:
+    """A folder an earlier ``tinygemma judge`` wrote (a re-run there reuses its cache and replaces its files)."""
+    try:
+        summary = load_json(Path(folder) / "judge_summary.json")
+    except UserError:
+        return False
+    return isinstance(summary, dict) and "rubric_version" in summary
 RUBRIC = """In the following exercise, the student is given the beginning of a story and has to complete it \
 into a full story. The exercise tests the student's language abilities and creativity. The symbol *** marks \
 where the given beginning ends and the student's completion starts:
@@ -75,6 +88,13 @@ class JudgeConfig:
     seed: int = field(default=1337, metadata={"help": "prompt i is completed with seed + i"})
 
     def __post_init__(self):
+        scheme = urllib.parse.urlsplit(self.endpoint or "").scheme
+        if self.endpoint is not None and scheme not in ("http", "https"):
+            raise UserError(f"endpoint {self.endpoint!r}: expected an http:// or https:// URL")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"seed must lie in [0, 2**63), got {self.seed}")
+        if not math.isfinite(self.timeout):
+            raise UserError(f"timeout must be finite, got {self.timeout}")
         for name in ("concurrency", "samples_per_prompt", "judge_max_tokens", "timeout"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -139,8 +159,7 @@ def _post(cfg: JudgeConfig, messages: list[dict], api_key: str | None) -> str:
     req = urllib.request.Request(cfg.endpoint.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
                                  headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=cfg.timeout) as resp:
-            raw = resp.read()
+        raw = _read_within(req, cfg.timeout)
     except urllib.error.HTTPError as e:
         if e.code == 429 or e.code >= 500:
             after = e.headers.get("Retry-After", "")
@@ -153,6 +172,19 @@ def _post(cfg: JudgeConfig, messages: list[dict], api_key: str | None) -> str:
         return json.loads(raw)["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
         raise _Unparsed("not a chat completion response") from None
+
+
+def _read_within(req: urllib.request.Request, timeout: float) -> bytes:
+    """The response body, all of it within ``timeout`` seconds (urlopen's own timeout bounds each socket
+    operation, so a server that trickles bytes could hold a request forever)."""
+    deadline = time.monotonic() + timeout
+    chunks = []
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        while chunk := resp.read1(65536):  # what has arrived: read() would wait for all 64 KiB
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no complete answer within {timeout:g} s")
+    return b"".join(chunks)
 
 
 def grade_one(cfg: JudgeConfig, beginning: str, completion: str, api_key: str | None) -> dict:
@@ -172,7 +204,9 @@ def grade_one(cfg: JudgeConfig, beginning: str, completion: str, api_key: str | 
             transient += 1
             if transient > cfg.retries:
                 return {"error": f"gave up after {transient} tries: {e}", "requests": requests}
-            time.sleep(min(e.wait if e.wait is not None else cfg.backoff * 2 ** (transient - 1), 60.0))
+            # Retry-After honoured, but no wait longer than one request may take
+            time.sleep(min(e.wait if e.wait is not None else cfg.backoff * 2 ** (transient - 1), 60.0,
+                           cfg.timeout))
 
 
 # -- many grades, cached ---------------------------------------------------------------------------
@@ -213,6 +247,7 @@ def grade_all(items: list[dict], cfg: JudgeConfig, cache_path: str | os.PathLike
     todo = {k: it for k, it in zip(keys, items, strict=True) if k not in cached}  # a duplicate is asked once
     results: dict[str, dict] = {}
     lock = threading.Lock()
+    bar = progress_bar(len(todo), desc="judged", unit="grade", disable=not (progress and todo))
 
     def work(key: str) -> None:
         grade = grade_one(cfg, todo[key]["prompt"], todo[key]["completion"], api_key)
@@ -222,8 +257,7 @@ def grade_all(items: list[dict], cfg: JudgeConfig, cache_path: str | os.PathLike
                 with cache_path.open("a", encoding="utf-8") as f:  # flushed on close: survives a kill
                     f.write(json.dumps({"key": key, "judge_model": cfg.judge_model,
                                         "rubric_version": RUBRIC_VERSION, "grade": grade}) + "\n")
-            if progress:
-                print(f"\rjudged {len(results)}/{len(todo)}", end="", file=sys.stderr, flush=True)
+            bar.update(1)
 
     with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
         try:
@@ -232,8 +266,8 @@ def grade_all(items: list[dict], cfg: JudgeConfig, cache_path: str | os.PathLike
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-    if progress and todo:
-        print(file=sys.stderr)
+        finally:
+            bar.close()
     out = []
     for it, key in zip(items, keys, strict=True):
         grade = cached.get(key) or results[key]

@@ -24,19 +24,18 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from tinygemma.config import UserError
 from tinygemma.data.dataset import TokenDataset
 from tinygemma.fused import IGNORE_INDEX
 from tinygemma.generate import load_checkpoint
+from tinygemma.log import progress as progress_bar
 from tinygemma.model import Gemma3
 from tinygemma.rundir import read_run_config, resolve_checkpoint
 from tinygemma.tokenizer import Tokenizer
@@ -78,7 +77,7 @@ def evaluate_tokens(model: Gemma3, tokens: np.ndarray, block_size: int | None = 
     device = model.lm_head.weight.device
     starts = list(range(0, n, block_size))
     total, t0 = 0.0, time.perf_counter()
-    bar = tqdm(total=n, unit="tok", desc="eval", disable=not progress, file=sys.stderr)
+    bar = progress_bar(n, unit="tok", desc="eval", disable=not progress)
     for b in range(0, len(starts), batch_size):
         group = starts[b:b + batch_size]
         x = torch.full((len(group), block_size), mc.eot_token_id, dtype=torch.long)

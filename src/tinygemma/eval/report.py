@@ -49,6 +49,22 @@ class ReportConfig:
     compute: bool = field(default=True, metadata={"help": "compute what runs have not written (--no-compute: "
                                                           "only read)"})
 
+    def __post_init__(self):
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"seed must lie in [0, 2**63), got {self.seed}")
+
+
+OUTPUT_FILES = ("report.md", "report.html", "loss.png", "lr_grad_norm.png")
+
+
+def is_report_folder(folder: Path) -> bool:
+    """A folder an earlier ``tinygemma report`` wrote (a re-run there replaces its page)."""
+    try:
+        with open(Path(folder) / "report.md", encoding="utf-8") as f:
+            return f.read(20).startswith("# tinygemma report")
+    except (OSError, UnicodeDecodeError):
+        return False
+
 
 # -- reading a run ---------------------------------------------------------------------------------
 def _hardware(ckpt: Path) -> str | None:

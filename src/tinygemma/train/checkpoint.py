@@ -119,16 +119,66 @@ def check_out_folder(out: Path) -> None:
         raise UserError(f"--out {out}: the run folder is not writable")
 
 
+def check_apart(out: Path, source: str | Path | None) -> None:
+    """``--out`` is neither the source checkpoint nor a folder that contains it or lies inside it (``--force``
+    or a new run there would delete the model being fine-tuned)."""
+    if source is None:
+        return
+    o, s = Path(out).resolve(), Path(source).resolve()
+    if o == s or o in s.parents or s in o.parents:
+        raise UserError(f"--out {out}: overlaps the checkpoint being fine-tuned ({source}); choose another --out")
+
+
+def _first_checkpoint_step(train: dict[str, Any]) -> int | None:
+    """The step of a run's first checkpoint (its first evaluation or save interval, or its last step)."""
+    steps = [train.get("eval_interval"), train.get("save_interval"), train.get("max_steps")]
+    steps = [s for s in steps if isinstance(s, int) and not isinstance(s, bool)]
+    return min(steps) if isinstance(train.get("eval_interval"), int) else None
+
+
+def restart_state(out: Path, previous: dict[str, Any]) -> str | None:
+    """What a run folder without a resumable checkpoint holds: "empty" (no checkpoint folder, no metrics: a run
+    killed before it logged), "early" (metrics only of steps up to its first checkpoint: killed before that was
+    written), or None (checkpoint folders or later metrics: something a new start would lose)."""
+    if rundir.checkpoints(out) or (out / rundir.BEST).exists():
+        return None
+    steps = [r.get("step") for r in rundir.Metrics(out).read()]
+    if not steps:
+        return "empty"
+    first = _first_checkpoint_step(previous.get("train", {}))
+    ok = first is not None and all(isinstance(s, int) and s <= first for s in steps)
+    return "early" if ok else None
+
+
+def undo_claim(created: list[Path]) -> None:
+    """A refused run leaves nothing: the lock file and the run folder it created go again (a folder something
+    else wrote into stays)."""
+    for path in created:
+        try:
+            path.rmdir() if path.is_dir() else path.unlink()
+        except OSError:  # not empty, or already gone
+            pass
+
+
 def check_new_run(out: Path, cfg: TrainConfig, resume: str | None, force: bool) -> None:
-    """A new run may start in ``out`` (locked by the caller): it is empty, or ``force`` clears it; another run
-    there, or the same run not resumed, is refused."""
+    """A new run may start in ``out`` (locked by the caller): it is empty, or ``force`` clears it, or it holds
+    only what a run killed before its first checkpoint left (``--resume auto`` starts over; its metrics are
+    moved aside to ``metrics.jsonl.1``); another run there, or the same run not resumed, is refused."""
     if force:
         rundir.clear(out)
         return
     previous = rundir.read_run_config(out)
-    if previous is None:
+    state = restart_state(out, previous) if previous is not None else "empty"
+    if previous is None or (state == "empty" and resume is None):
         if resume == "auto":
             print(f"--resume auto: no checkpoint in {out}, starting a new run", file=sys.stderr)
+        return
+    if resume == "auto" and state is not None:
+        if state == "early":
+            os.replace(out / rundir.METRICS, out / f"{rundir.METRICS}.1")
+        print(f"--resume auto: {out} holds no checkpoint (the run stopped before its first one)"
+              + ("; its metrics moved to metrics.jsonl.1" if state == "early" else "") + "; starting over",
+              file=sys.stderr)
         return
     if resume == "auto":
         raise UserError(f"--resume auto: {out} holds a run but no complete checkpoint to resume; "

@@ -102,7 +102,7 @@ class TrainConfig:
             (self.muon_momentum is None or 0 <= self.muon_momentum < 1,
              f"muon_momentum must lie in [0, 1), got {self.muon_momentum}"),
             (self.nonfinite in ("stop", "skip"), f"nonfinite must be stop or skip, got {self.nonfinite!r}"),
-            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (0 <= self.seed < 2**63, f"seed must lie in [0, 2**63), got {self.seed}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
             (self.min_lr is None or self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}"),
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}"),

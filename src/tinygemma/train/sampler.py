@@ -42,6 +42,23 @@ class InstructDataset(TokenDataset):
     def __len__(self) -> int:
         return len(self.starts) - 1
 
+    def prompt_lengths(self) -> np.ndarray:
+        """Per record, the offset of its first trained token (the record's length when it has none)."""
+        trained = np.flatnonzero(np.asarray(self.mask, dtype=bool))
+        starts, ends = self.starts[:-1], self.starts[1:]
+        i = np.minimum(np.searchsorted(trained, starts), max(len(trained) - 1, 0))
+        first = trained[i] if len(trained) else ends
+        return np.minimum(np.where(first >= starts, first, ends), ends) - starts
+
+    def check_block_size(self, block_size: int) -> None:
+        """Refuse a block that cuts most records before their story starts (nothing to train on: a NaN loss)."""
+        prompts = self.prompt_lengths()
+        short = int((prompts > block_size).sum())
+        if short * 2 > len(prompts):
+            raise UserError(f"block_size {block_size} ends before the story in {short} of {len(prompts)} "
+                            f"{self.split} records (their instructions take {int(np.median(prompts))} tokens, "
+                            "median); raise --block-size")
+
     def record(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens and mask of record ``i``."""
         s, e = self.starts[i], self.starts[i + 1]

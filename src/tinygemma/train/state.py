@@ -7,10 +7,13 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, fields
+from contextlib import ExitStack
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-from tinygemma.config import from_dict
+from tinygemma import rundir
+from tinygemma.config import UserError, from_dict
 
 
 class Stop:
@@ -69,6 +72,15 @@ class Clock:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def per_step(self, last_step_s: float) -> tuple[float, float]:
+        """(elapsed, wall time per step) for a time budget: evaluations and checkpoints included, the first step
+        (which compiles) left out."""
+        now = self.elapsed()
+        if self.steps_here == 1:
+            self.first_end = now
+            return now, last_step_s
+        return now, (now - self.first_end) / (self.steps_here - 1)
+
 
 @dataclass
 class StepResult:
@@ -80,3 +92,35 @@ class StepResult:
     finite: bool  # loss and gradient norm are finite
     stop: bool  # a rank was asked to stop (SIGINT/SIGTERM)
     tokens: int  # positions run, all ranks (fine-tuning rows are cut to the batch's longest record)
+
+
+@dataclass
+class RunLog:
+    """Rank 0's record of a run: ``metrics.jsonl``, its lines in memory (for the plots) and W&B."""
+
+    metrics: rundir.Metrics
+    records: list[dict] = field(default_factory=list)
+    wandb_run: Any = None
+
+    @classmethod
+    def open(cls, out: Path, keep_until: int | None, cfg: Any, run_config: dict, exit_stack: ExitStack) -> RunLog:
+        """``keep_until``: the resumed step (earlier lines stay); None for a new run (the file starts empty)."""
+        log = cls(rundir.Metrics(out))
+        if keep_until is not None:
+            log.records = log.metrics.keep_until(keep_until)
+        else:
+            log.metrics.clear()
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb needs the wandb package (pip install 'tinygemma[wandb]')") from None
+            log.wandb_run = wandb.init(project=cfg.wandb_project, config=run_config, name=out.name, resume="allow")
+            exit_stack.callback(log.wandb_run.finish)
+        return log
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        self.metrics.append(record)
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])

@@ -29,10 +29,11 @@ from tinygemma import rundir
 from tinygemma.config import UserError, to_dict
 from tinygemma.data.dataset import TokenDataset
 from tinygemma.device import check_memory
-from tinygemma.log import warn
+from tinygemma.log import progress, warn
 from tinygemma.model import Gemma3, load_model_config
 from tinygemma.plots import write_plots
 from tinygemma.train.checkpoint import (
+    check_apart,
     check_new_run,
     check_out_folder,
     finetune_start,
@@ -41,13 +42,14 @@ from tinygemma.train.checkpoint import (
     model_card_facts,
     resumed_config,
     set_rng_states,
+    undo_claim,
     write_checkpoint,
 )
 from tinygemma.train.config import TrainConfig, load_recipe, resolve_config
 from tinygemma.train.hardware import peak_flops, peak_memory_mb, pick_device, training_bytes
 from tinygemma.train.optim import Precision, build_optimizer, explain_oom, forward_backward, lr_at, lr_factor, set_lr
 from tinygemma.train.sampler import InstructDataset, RecordSampler, Sampler
-from tinygemma.train.state import Clock, StepResult, Stop, TrainState
+from tinygemma.train.state import Clock, RunLog, StepResult, Stop, TrainState
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -63,17 +65,20 @@ class Trainer:
     checkpoint's config; ``resume`` is ``"auto"`` (the newest checkpoint in ``out``) or a checkpoint folder."""
 
     def __init__(self, overrides: dict[str, Any], *, recipe: str | None = None, resume: str | None = None,
-                 force: bool = False, write_samples: SamplesWriter | None = None):
+                 force: bool = False, write_samples: SamplesWriter | None = None, default_recipe: str = "default"):
         if resume and force:
             raise UserError("--resume and --force contradict each other")
+        self.default_recipe = default_recipe  # a new run's recipe when none is given
         # the samples report is evaluation's: it comes in as a callback, so training imports no decoding
         self.write_samples = write_samples
         self.rank, self.world, self.local_rank = _dist_env()
         self.master = self.rank == 0
         self._exit = ExitStack()  # the run folder's lock, W&B
         self._locked = False
+        self.out = Path(overrides.get("out", TrainConfig.out))
+        check_apart(self.out, overrides.get("finetune_from"))
+        self._created = [p for p in (self.out / rundir.LOCK, self.out) if not p.exists()]  # undone if refused
         try:
-            self.out = Path(overrides.get("out", TrainConfig.out))
             self.saved_scaler: dict | None = None  # the loss scaler's state in the resumed checkpoint
             self.ckpt = self._find_checkpoint(resume)
             self.cfg, self.recipe, self.state = self._resolve(overrides, recipe)
@@ -85,8 +90,12 @@ class Trainer:
             if self.master:  # only now: a refused resume leaves the run folder as it was
                 rundir.write_run_config(self.out, self.run_config)
                 print("resolved config:\n" + json.dumps(self.run_config, indent=2), flush=True)
+                if self.ckpt is not None:
+                    print(f"resumed from {self.ckpt} (step {self.state.step})", flush=True)
         except BaseException:
             self.close()
+            if self.master:
+                undo_claim(self._created)
             raise
 
     # -- setup ------------------------------------------------------------------------------------------
@@ -109,7 +118,7 @@ class Trainer:
     def _resolve(self, overrides: dict[str, Any], recipe: str | None) -> tuple[TrainConfig, str, TrainState]:
         """The config (recipe or checkpoint, then overrides), the recipe's name and the starting state."""
         if self.ckpt is None:
-            recipe = recipe or "default"
+            recipe = recipe or self.default_recipe
             return resolve_config(load_recipe(recipe), overrides), recipe, TrainState()
         cfg, recipe, saved_state = resumed_config(self.ckpt, overrides, recipe)
         self.saved_scaler = saved_state.get("scaler")
@@ -127,10 +136,10 @@ class Trainer:
         check_memory(training_bytes(self.model_cfg, cfg), self.device, f"training {cfg.model}",
                      "--micro-batch (raise --grad-accum to keep the batch) or --block-size")
         self._setup_data()
-        if self.master:
+        self._setup_model()
+        if self.master:  # every check passed: only now is the run folder touched
             self._warn_new_data()
             self._claim_out(resume, force)
-        self._setup_model()
         self._setup_logging()
 
     def _setup_data(self) -> None:
@@ -138,7 +147,9 @@ class Trainer:
         records = cfg.finetune_from is not None  # instruct records, one per row; else a stream of tokens
         dataset, sampler = (InstructDataset, RecordSampler) if records else (TokenDataset, Sampler)
         train_data, val_data = (dataset(cfg.data, split, vocab_size=vocab) for split in ("train", "val"))
-        if not records:
+        if records:
+            val_data.check_block_size(cfg.block_size)
+        else:
             for ds in (train_data, val_data):
                 if len(ds) <= cfg.block_size:
                     raise UserError(f"block_size {cfg.block_size} needs more than {len(ds)} tokens ({ds.path})")
@@ -200,25 +211,10 @@ class Trainer:
                          else f"{self.world} x CPU ({os.cpu_count()} cores)")
 
     def _setup_logging(self) -> None:
-        self.metrics = rundir.Metrics(self.out)
-        self.records: list[dict] = []
         self.last_eval: dict[str, Any] = {"val_loss": None, "samples": []}
-        self.wandb_run = None
-        if not self.master:
-            return
-        # keep what the resumed checkpoint had logged; later lines belong to the lost future
-        if self.ckpt is not None:
-            self.records = self.metrics.keep_until(self.state.step)
-        else:
-            self.metrics.clear()
-        if self.cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--wandb needs the wandb package (pip install 'tinygemma[wandb]')") from None
-            self.wandb_run = wandb.init(project=self.cfg.wandb_project, config=self.run_config, name=self.out.name,
-                                        resume="allow")
-            self._exit.callback(self.wandb_run.finish)
+        # a resumed run keeps what its checkpoint had logged; later lines belong to the lost future
+        self.runlog = RunLog.open(self.out, self.state.step if self.ckpt is not None else None,
+                                  self.cfg, self.run_config, self._exit) if self.master else None
 
     def resume(self) -> None:
         """Continue exactly where the checkpoint stopped: optimizer moments and every RNG."""
@@ -229,15 +225,14 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(self) -> TrainState:
         """Train until the budget is spent or a signal asks to stop; returns the final state."""
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=self.total_steps(), initial=self.state.step, disable=not (self.master and
-                        self.cfg.progress), dynamic_ncols=True, unit="step")
+        self.bar = progress(self.total_steps(), initial=self.state.step, desc="train", unit="step",
+                            disable=not (self.master and self.cfg.progress))
         self.clock = Clock(start=time.perf_counter() - self.state.elapsed_s)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             with Stop() as stop:
+                rundir.fault_point("train_start")  # the tests' SIGKILL before the first step
                 while not self.finished():
                     result = self.train_step(stop.requested)
                     self.update_budget(result)
@@ -247,6 +242,7 @@ class Trainer:
                         record.update(self.evaluate())
                     self.state.elapsed_s = self.clock.elapsed()
                     self.log(result, record)
+                    rundir.fault_point(f"step:{self.state.step}")  # logged, not yet saved
                     self.checkpoint(evaluating, stopping=result.stop)
                     if result.stop:
                         break
@@ -339,12 +335,7 @@ class Trainer:
         clock.steps_here += 1
         if self.cfg.time_budget is None:
             return
-        # wall time per step, evaluations and checkpoints included; the first step (compilation) left out
-        now = clock.elapsed()
-        if clock.steps_here == 1:
-            clock.first_end = now
-        per_step = (now - clock.first_end) / (clock.steps_here - 1) if clock.steps_here > 1 else result.seconds
-        timing = torch.tensor([now, per_step], dtype=torch.float64, device=self.device)
+        timing = torch.tensor(clock.per_step(result.seconds), dtype=torch.float64, device=self.device)
         if self.world > 1:  # ranks must agree on the estimated total
             dist.all_reduce(timing, op=dist.ReduceOp.MAX)
         now, per_step = timing.tolist()
@@ -393,11 +384,11 @@ class Trainer:
         if not self.master:
             return
         if record is not None:
-            self.records.append(record)
-            self.metrics.append(record)
-            if self.wandb_run is not None:
-                self.wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
+            self.runlog.append(record)
         self.bar.update(1)
+        if record is not None and record.get("val_loss") is not None and self.cfg.progress:
+            self.bar.write(f"step {record['step']}: val loss {record['val_loss']:.4f}, train loss "
+                           f"{record['eval_train_loss']:.4f}")
         tps = result.tokens / result.seconds
         self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tps:,.0f}",
                              mfu=f"{tps * self.flops_per_token / self.peak_total:.1%}" if self.peak_total else "-")
@@ -419,7 +410,7 @@ class Trainer:
                 self.save(rundir.checkpoint_dir(self.out, state.step).name)
                 rundir.prune(self.out, cfg.keep_last)
             if is_eval:
-                write_plots(self.records, self.out)
+                write_plots(self.runlog.records, self.out)
         if self.world > 1 and (is_eval or save):
             dist.barrier()  # nobody reads a checkpoint before rank 0 finished it
 
@@ -465,5 +456,6 @@ def finetune(checkpoint: str | Path, overrides: dict[str, Any], *, recipe: str |
              resume: str | None = None, force: bool = False, write_samples: SamplesWriter | None = None) -> TrainState:
     """Fine-tune ``checkpoint`` on the instruct records of ``overrides["data"]``; the model is the checkpoint's."""
     overrides = {**overrides, **finetune_start(checkpoint)}
-    recipe = recipe or (None if resume else "finetune")  # a resumed run keeps its own
-    return Trainer(overrides, recipe=recipe, resume=resume, force=force, write_samples=write_samples).fit()
+    # a resumed run keeps its own recipe; a new one (--resume auto in an empty folder too) is finetune's
+    return Trainer(overrides, recipe=recipe, resume=resume, force=force, write_samples=write_samples,
+                   default_recipe="finetune").fit()
