@@ -10,21 +10,11 @@ from safetensors.torch import load_file
 
 from tinygemma import rundir
 from tinygemma.cli import main
-from tinygemma.data.config import InstructOptions, PrepareConfig
-from tinygemma.data.instruct import prepare_instruct
 
 pytestmark = pytest.mark.slow  # each test trains
 
 STEPS = ["--block-size", "96", "--micro-batch", "4", "--eval-batches", "1", "--log-interval", "1", "--no-progress",
          "--lr", "1e-3", "--warmup-steps", "1"]
-
-
-@pytest.fixture(scope="module")
-def instruct_dir(tmp_path_factory, sample_dir) -> Path:
-    out = tmp_path_factory.mktemp("instruct")
-    prepare_instruct(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=60, workers=1),
-                     InstructOptions(derive_instructions=True))
-    return out
 
 
 @pytest.fixture(scope="module")

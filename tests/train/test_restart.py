@@ -14,21 +14,11 @@ import pytest
 from tests.helpers import one_line_error, tree_hash
 from tinygemma import rundir
 from tinygemma.cli import main
-from tinygemma.data.config import InstructOptions, PrepareConfig
-from tinygemma.data.instruct import prepare_instruct
 
 ROOT = Path(__file__).resolve().parents[2]
 TINYGEMMA = Path(sys.executable).with_name("tinygemma")
 STEPS = ["--block-size", "32", "--micro-batch", "2", "--grad-accum", "1", "--eval-batches", "1", "--log-interval", "1",
          "--max-steps", "6", "--eval-interval", "5", "--no-progress", "--lr", "1e-3", "--warmup-steps", "1"]
-
-
-@pytest.fixture(scope="module")
-def instruct_dir(tmp_path_factory, sample_dir) -> Path:
-    out = tmp_path_factory.mktemp("instruct")
-    prepare_instruct(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=60, workers=1),
-                     InstructOptions(derive_instructions=True))
-    return out
 
 
 def _restart_script(tmp_path: Path) -> Path:
