@@ -233,10 +233,22 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
-        # enable_gqa shares each K/V head across its query group without copying it per head
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           scale=self.scale, enable_gqa=k.shape[1] != q.shape[1])
+        y = attend(q, k, v, mask, self.scale, expand_kv=q.is_cuda)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           expand_kv: bool = False) -> torch.Tensor:
+    """SDPA of ``q`` (B, H, T, D) over ``k``/``v`` (B, KV, S, D) with KV dividing H. Without a mask, enable_gqa
+    shares each K/V head across its query group without a copy. With a mask and ``expand_kv`` (CUDA), K/V are
+    expanded to the query heads instead: there torch 2.13 takes enable_gqa with a mask only in the math kernel
+    (O(T^2) float32 scores), while expanded heads run the memory-efficient or cuDNN kernels."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and mask is not None and expand_kv:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        groups = 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                          enable_gqa=groups > 1)
 
 
 class MLP(nn.Module):

@@ -238,3 +238,23 @@ def test_token_ids_out_of_range():
         model(torch.tensor([[1, 50257]]))
     with pytest.raises(ValueError, match="token ids"):
         model(torch.tensor([[-1, 3]]))
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_masked_attention_with_expanded_kv_equals_gqa(kv_heads):
+    # on CUDA a mask makes enable_gqa fall back to the math kernel, so K/V are expanded there instead:
+    # both ways must give the same attention, with a window mask, padding and a KV cache longer than T
+    from tinygemma.model import attend
+
+    torch.manual_seed(0)
+    B, H, T, S, D = 2, 4, 5, 9, 16
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, kv_heads, S, D), torch.randn(B, kv_heads, S, D)
+    i, j = torch.arange(S - T, S)[:, None], torch.arange(S)[None, :]
+    mask = ((j <= i) & (i - j < 4))[None, None].expand(B, 1, T, S).clone()
+    mask[0, :, :, :2] = False  # row 0 is left-padded
+    gqa = attend(q, k, v, mask, D ** -0.5)
+    expanded = attend(q, k, v, mask, D ** -0.5, expand_kv=True)
+    direct = torch.softmax((q @ k.repeat_interleave(H // kv_heads, 1).transpose(-1, -2)) * D ** -0.5
+                           + torch.where(mask, 0.0, -torch.inf), -1) @ v.repeat_interleave(H // kv_heads, 1)
+    assert (expanded - gqa).abs().max() <= 1e-6
+    assert (gqa - direct).abs().max() <= 1e-5

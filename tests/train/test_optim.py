@@ -108,3 +108,22 @@ def test_fp16_scaler_state_round_trips_and_a_skipped_step_lowers_the_scale(model
     other = Precision("fp16", CPU)
     other.load_state_dict(p.state_dict())
     assert other.state_dict() == p.state_dict() and Precision("fp32", CPU).state_dict() == {}
+
+
+def test_compile_only_where_triton_runs(monkeypatch, caplog):
+    # torch.compile's GPU backend (Triton) needs compute capability >= 7.0: a P100 trains eagerly, said once
+    from tinygemma.config import UserError
+    from tinygemma.train.hardware import use_compile
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    assert use_compile(None, cuda) is False
+    assert "compute capability 6.0; Triton needs 7.0" in caplog.text  # tinygemma.log's warning
+    assert use_compile(False, cuda) is False
+    with pytest.raises(UserError, match="compile=true: Tesla P100"):
+        use_compile(True, cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert use_compile(None, cuda) is True and use_compile(False, cuda) is False
+    cpu = torch.device("cpu")
+    assert use_compile(None, cpu) is False and use_compile(True, cpu) is True

@@ -6,7 +6,9 @@ import resource
 
 import torch
 
+from tinygemma.config import UserError
 from tinygemma.device import parse_device
+from tinygemma.log import warn
 from tinygemma.model import ModelConfig
 from tinygemma.train.config import TrainConfig
 
@@ -25,6 +27,22 @@ def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return device
+
+
+def use_compile(asked: bool | None, device: torch.device) -> bool:
+    """``compile``: None means on for CUDA GPUs that Triton (torch.compile's GPU backend) supports, compute
+    capability 7.0 or newer; below that it is off, said in one line, and an explicit ``compile=True`` is refused."""
+    if device.type != "cuda":
+        return bool(asked)
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= (7, 0):
+        return asked is not False
+    why = f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; Triton needs 7.0 or newer"
+    if asked:
+        raise UserError(f"compile=true: {why} (set compile=false)")
+    if asked is None:
+        warn(f"torch.compile off: {why}")
+    return False
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:

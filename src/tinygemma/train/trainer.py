@@ -46,7 +46,7 @@ from tinygemma.train.checkpoint import (
     write_checkpoint,
 )
 from tinygemma.train.config import TrainConfig, load_recipe, resolve_config
-from tinygemma.train.hardware import peak_flops, peak_memory_mb, pick_device, training_bytes
+from tinygemma.train.hardware import peak_flops, peak_memory_mb, pick_device, training_bytes, use_compile
 from tinygemma.train.optim import Precision, build_optimizer, explain_oom, forward_backward, lr_at, lr_factor, set_lr
 from tinygemma.train.sampler import InstructDataset, RecordSampler, Sampler
 from tinygemma.train.state import Clock, RunLog, StepResult, Stop, TrainState
@@ -196,8 +196,7 @@ class Trainer:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-        self.eval_model = torch.compile(self.model) if use_compile else self.model
+        self.eval_model = torch.compile(self.model) if use_compile(cfg.compile, device) else self.model
         self.step_model = self.eval_model
         if self.world > 1:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
