@@ -127,3 +127,27 @@ def test_compile_only_where_triton_runs(monkeypatch, caplog):
     assert use_compile(None, cuda) is True and use_compile(False, cuda) is False
     cpu = torch.device("cpu")
     assert use_compile(None, cpu) is False and use_compile(True, cpu) is True
+
+
+def test_rng_state_is_the_device_in_use_and_resumes_with_fewer_gpus(monkeypatch):
+    # a checkpoint keeps the RNG of the GPU it trained on only; one that kept every visible GPU's (older
+    # checkpoints) resumes on a machine with fewer GPUs from the state of the device in use (was IndexError)
+    from tinygemma.train.checkpoint import rng_states, set_rng_states
+
+    states = rng_states(torch.device("cpu"))
+    assert states["cuda"] is None
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7, device.index]))
+    one_gpu = torch.device("cuda", 0)
+    set_rng_states(rng_states(one_gpu), one_gpu)
+    assert restored[-1][0].tolist() == [7, 0] and restored[-1][1] == one_gpu
+    four = [torch.tensor([i]) for i in range(4)]  # saved on a 4-GPU machine
+    set_rng_states({**states, "cuda": four}, one_gpu)
+    assert restored[-1][0].tolist() == [0]
+    set_rng_states({**states, "cuda": four[:1]}, torch.device("cuda", 2))  # index past what was saved: skipped
+    set_rng_states({**states, "cuda": four}, torch.device("cpu"))
+    assert len(restored) == 2
+    a = torch.rand(3)
+    set_rng_states(states, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), a)  # the CPU generator is restored to where rng_states() read it

@@ -22,11 +22,13 @@ from tinygemma.train.optim import Optimizers
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
-def rng_states() -> dict[str, Any]:
+def rng_states(device: torch.device) -> dict[str, Any]:
+    """Every RNG a resume must restore: torch's CPU one, the GPU in use (only that one: a resume may see fewer or
+    other GPUs), numpy's and Python's."""
     np_state = np.random.get_state(legacy=False)
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": {"bit_generator": np_state["bit_generator"],
                   "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
                   "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
@@ -35,10 +37,13 @@ def rng_states() -> dict[str, Any]:
     }
 
 
-def set_rng_states(states: dict[str, Any]) -> None:
+def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states.get("cuda")
+    if isinstance(cuda, list):  # older checkpoints kept every visible GPU's state: take this device's
+        cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
     n = states["numpy"]
     np.random.set_state({"bit_generator": n["bit_generator"], "state": {"key": n["key"].numpy().astype(np.uint32),
                          "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
@@ -57,7 +62,7 @@ def write_checkpoint(folder: Path, model: Gemma3, optimizer: Optimizers, state: 
     tmp = rundir.temp_dir(folder)
     model.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng_states(), tmp / "rng_state.pt")
+    torch.save(rng_states(model.lm_head.weight.device), tmp / "rng_state.pt")
     (tmp / rundir.TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
     (tmp / rundir.RUN_CONFIG).write_text(json.dumps(run_config, indent=2) + "\n")
     write_hf_files(tmp, card)

@@ -219,7 +219,7 @@ class Trainer:
         """Continue exactly where the checkpoint stopped: optimizer moments and every RNG."""
         load_optimizer_state(self.optimizer, self.ckpt / "optimizer.pt", self.device)
         self.precision.load_state_dict(self.saved_scaler)
-        set_rng_states(load_torch(self.ckpt / "rng_state.pt", torch.device("cpu")))
+        set_rng_states(load_torch(self.ckpt / "rng_state.pt", torch.device("cpu")), self.device)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(self) -> TrainState:
