@@ -411,3 +411,25 @@ def test_bad_inputs_are_one_line_errors(data_dir, tiny_run, tmp_path, capsys):
     assert "cannot change lr" in _cli_error(capsys, "--out", str(short_run), "--resume", "auto", "--lr", "5e-2")
     assert sorted(p.name for p in short_run.iterdir()) == before
     assert (short_run / "checkpoint-20" / "model.safetensors").read_bytes() == snapshot
+
+
+def _vote(rank: int, port: int, clocks: list[float], out: str) -> None:
+    import torch.distributed as dist
+
+    from tinygemma.train.state import agreed_elapsed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(clocks))
+    try:
+        Path(out, f"rank{rank}").write_text(str(agreed_elapsed(clocks[rank], len(clocks), torch.device("cpu"))))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_time_budget_stop_is_one_decision_for_all_ranks(tmp_path):
+    # two gloo ranks whose clocks disagree (one 30 s ahead, as after a long evaluation) read the same time, so
+    # a time budget stops both at the same step instead of one rank waiting alone in the next all-reduce
+    import torch.multiprocessing as tmp_mp
+
+    clocks = [100.0, 130.0]
+    tmp_mp.start_processes(_vote, args=(_free_port(), clocks, str(tmp_path)), nprocs=2, start_method="spawn")
+    assert [float((tmp_path / f"rank{r}").read_text()) for r in (0, 1)] == [130.0, 130.0]

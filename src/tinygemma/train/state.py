@@ -12,6 +12,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from tinygemma import rundir
 from tinygemma.config import UserError, from_dict
 
@@ -124,3 +127,13 @@ class RunLog:
         self.metrics.append(record)
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
+
+
+def agreed_elapsed(elapsed: float, world: int, device: torch.device) -> float:
+    """The slowest rank's clock, on every rank: a time budget's stop is one decision for all (a rank stopping
+    on its own clock would leave the others in the next all-reduce until NCCL's watchdog kills the job)."""
+    if world == 1:
+        return elapsed
+    t = torch.tensor([elapsed], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()

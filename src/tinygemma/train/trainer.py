@@ -49,7 +49,7 @@ from tinygemma.train.config import TrainConfig, load_recipe, resolve_config
 from tinygemma.train.hardware import peak_flops, peak_memory_mb, pick_device, training_bytes, use_compile
 from tinygemma.train.optim import Precision, build_optimizer, explain_oom, forward_backward, lr_at, lr_factor, set_lr
 from tinygemma.train.sampler import InstructDataset, RecordSampler, Sampler
-from tinygemma.train.state import Clock, RunLog, StepResult, Stop, TrainState
+from tinygemma.train.state import Clock, RunLog, StepResult, Stop, TrainState, agreed_elapsed
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -262,7 +262,9 @@ class Trainer:
         total = self.total_steps()
         if total is not None and self.state.step >= total:
             return True
-        return self.cfg.time_budget is not None and self.clock.elapsed() >= self.cfg.time_budget * 60
+        if self.cfg.time_budget is None:
+            return False
+        return agreed_elapsed(self.clock.elapsed(), self.world, self.device) >= self.cfg.time_budget * 60
 
     def is_eval_step(self) -> bool:
         return self.state.step % self.cfg.eval_interval == 0 or self.state.step >= self.total_steps()
