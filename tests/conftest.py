@@ -48,14 +48,27 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory, sample_dir):
-    """The first 300 stories of each split of the real sample, prepared."""
+def prepared_sample(tmp_path_factory, sample_dir):
+    """``prepared_sample(n)``: the first n stories of each split of the real sample, prepared once per session
+    (read-only for the tests: share it, do not write into it)."""
     from tinygemma.data.config import PrepareConfig
     from tinygemma.data.prepare import prepare
 
-    out = tmp_path_factory.mktemp("data")
-    prepare(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=300))
-    return out
+    made: dict[int, Path] = {}
+
+    def make(n: int) -> Path:
+        if n not in made:
+            made[n] = tmp_path_factory.mktemp(f"data-{n}")
+            prepare(PrepareConfig(source=str(sample_dir), out=str(made[n]), max_stories=n))
+        return made[n]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def data_dir(prepared_sample):
+    """The first 300 stories of each split of the real sample, prepared."""
+    return prepared_sample(300)
 
 
 @pytest.fixture(scope="session")

@@ -108,6 +108,15 @@ def load_json(path: str | Path) -> Any:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
+MAX_SEED = 2**63  # seeds go to torch/numpy generators, which take a signed 64-bit integer
+
+
+def check_seed(seed: int | None) -> None:
+    """A seed the generators take (None: unseeded), or a one-line UserError."""
+    if seed is not None and not 0 <= seed < MAX_SEED:
+        raise UserError(f"seed must lie in [0, 2**63), got {seed}")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4); the value is JSON, or else a plain string."""
     key, sep, raw = text.partition("=")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tinygemma.config import UserError
+from tinygemma.config import UserError, check_seed
 
 
 @dataclass
@@ -23,8 +23,7 @@ class SamplingConfig:
             raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if not 0 <= self.temperature < math.inf:  # NaN too; inf would sample uniformly
             raise UserError(f"temperature must be >= 0 and finite, got {self.temperature}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise UserError(f"seed must lie in [0, 2**63), got {self.seed}")
+        check_seed(self.seed)
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

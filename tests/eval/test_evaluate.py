@@ -7,9 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygemma.cli import main
-from tinygemma.data.config import PrepareConfig
 from tinygemma.data.dataset import TokenDataset
-from tinygemma.data.prepare import prepare
 from tinygemma.eval.loss import context_use, evaluate_tokens, held_out_stories
 from tinygemma.eval.samples import (
     mojibake_count,
@@ -26,11 +24,9 @@ from tinygemma.sampling import SamplingConfig
 
 
 @pytest.fixture(scope="module")
-def tiny_data(sample_dir, tmp_path_factory):
+def tiny_data(prepared_sample):
     """8 stories per split: enough windows to test eval, quick to score."""
-    out = tmp_path_factory.mktemp("data")
-    prepare(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=8))
-    return out
+    return prepared_sample(8)
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,13 @@ import pytest
 
 import tinygemma.eval.report as report_mod
 from tinygemma.cli import main
-from tinygemma.data.config import PrepareConfig
-from tinygemma.data.prepare import prepare
 from tinygemma.eval.loss import EvalConfig, evaluate_checkpoint
 
 
 @pytest.fixture(scope="module")
-def eval_data(sample_dir, tmp_path_factory):
+def eval_data(prepared_sample):
     """20 stories per split: the whole-split evaluation stays quick."""
-    out = tmp_path_factory.mktemp("eval-data")
-    prepare(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=20))
-    return out
+    return prepared_sample(20)
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,14 @@ import torch
 import transformers
 
 from tinygemma.cli import main
-from tinygemma.data.config import PrepareConfig
-from tinygemma.data.prepare import prepare
 
 PROMPTS = ["Once upon a time", "A little girl went to the woods and found a big red ball under a tree"]
 
 
 @pytest.fixture(scope="module")
-def eval_data(sample_dir, tmp_path_factory):
+def eval_data(prepared_sample):
     """10 stories per split: an evaluation of the whole split stays quick."""
-    out = tmp_path_factory.mktemp("eval-data")
-    prepare(PrepareConfig(source=str(sample_dir), out=str(out), max_stories=10, workers=1))
-    return out
+    return prepared_sample(10)
 
 
 @pytest.mark.slow  # the CLI-trained run's outputs: `tinygemma train --samples` end to end

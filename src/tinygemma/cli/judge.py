@@ -5,17 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tinygemma.cli.args import add_dataclass_args, dataclass_overrides
+from tinygemma.cli.args import (
+    add_checkpoint_arg,
+    add_dataclass_args,
+    add_device_arg,
+    dataclass_overrides,
+    sampling_config_from_args,
+)
 from tinygemma.config import UserError, from_dict
 from tinygemma.device import parse_device
 from tinygemma.eval.judge import AGE_GROUPS, OUTPUT_FILES, JudgeConfig, is_judge_folder, judge_checkpoint
+from tinygemma.eval.samples import read_prompts
 from tinygemma.files import check_output_dir, check_output_file
+from tinygemma.sampling import SamplingConfig
 
 
 def _judge(args: argparse.Namespace) -> int:
-    from tinygemma.cli.args import sampling_config_from_args
-    from tinygemma.eval.samples import read_prompts
-
     cfg = from_dict(JudgeConfig, dataclass_overrides(args, JudgeConfig), "judge")
     sampling = sampling_config_from_args(args)  # seed and num_samples are replaced per prompt
     prompts = read_prompts(args.prompts) if args.prompts else None
@@ -40,9 +45,6 @@ def _judge(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tinygemma.cli.args import add_checkpoint_arg, add_device_arg
-    from tinygemma.sampling import SamplingConfig
-
     p = sub.add_parser("judge", help="grade completions with an LLM judge (the TinyStories paper's rubric)",
                        description="Complete story beginnings with the model, then grade each completion with a "
                                    "judge model behind an OpenAI-compatible chat endpoint.")

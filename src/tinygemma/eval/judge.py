@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from tinygemma.config import UserError, load_json
+from tinygemma.config import UserError, check_seed, load_json
 from tinygemma.files import atomic_write_text
 from tinygemma.log import progress as progress_bar
 
@@ -91,8 +91,7 @@ class JudgeConfig:
         scheme = urllib.parse.urlsplit(self.endpoint or "").scheme
         if self.endpoint is not None and scheme not in ("http", "https"):
             raise UserError(f"endpoint {self.endpoint!r}: expected an http:// or https:// URL")
-        if not 0 <= self.seed < 2**63:
-            raise UserError(f"seed must lie in [0, 2**63), got {self.seed}")
+        check_seed(self.seed)
         if not math.isfinite(self.timeout):
             raise UserError(f"timeout must be finite, got {self.timeout}")
         for name in ("concurrency", "samples_per_prompt", "judge_max_tokens", "timeout"):

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tinygemma import rundir
-from tinygemma.config import UserError, load_json
+from tinygemma.config import UserError, check_seed, load_json
 from tinygemma.eval.instruct import INSTRUCT_MEASURES, rates
 from tinygemma.eval.judge import AGE_GROUPS, CRITERIA
 from tinygemma.eval.loss import EvalConfig, evaluate_checkpoint
@@ -50,8 +50,7 @@ class ReportConfig:
                                                           "only read)"})
 
     def __post_init__(self):
-        if not 0 <= self.seed < 2**63:
-            raise UserError(f"seed must lie in [0, 2**63), got {self.seed}")
+        check_seed(self.seed)
 
 
 OUTPUT_FILES = ("report.md", "report.html", "loss.png", "lr_grad_norm.png")

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from tinygemma.config import MAX_SEED
 from tinygemma.prompts import FEATURES, TUTORIAL_PROMPTS, instruction_header
 from tinygemma.serve.config import ServeConfig, log
 from tinygemma.serve.engine import Engine, Job, Result
@@ -44,7 +45,7 @@ def request_model(cfg: ServeConfig, context_length: int, vocab_size: int) -> typ
         n: int = Field(1, ge=1, le=cfg.max_n)
         stream: bool = False
         stream_options: StreamOptions | None = None
-        seed: int | None = Field(None, ge=0, le=2**63 - 1)
+        seed: int | None = Field(None, ge=0, lt=MAX_SEED)
         stop: str | list[str] | None = None
         user: str | None = None  # accepted and ignored, as it only identifies the end user to OpenAI
         # accepted only with their neutral values, which some clients always send

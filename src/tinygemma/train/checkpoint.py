@@ -136,9 +136,9 @@ def check_apart(out: Path, source: str | Path | None) -> None:
 
 def _first_checkpoint_step(train: dict[str, Any]) -> int | None:
     """The step of a run's first checkpoint (its first evaluation or save interval, or its last step)."""
-    steps = [train.get("eval_interval"), train.get("save_interval"), train.get("max_steps")]
+    steps = [train.get(k) for k in ("eval_interval", "save_interval", "max_steps")]
     steps = [s for s in steps if isinstance(s, int) and not isinstance(s, bool)]
-    return min(steps) if isinstance(train.get("eval_interval"), int) else None
+    return min(steps) if steps else None
 
 
 def restart_state(out: Path, previous: dict[str, Any]) -> str | None:

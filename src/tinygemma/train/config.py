@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinygemma.config import UserError, from_dict, load_json, parse_override
+from tinygemma.config import UserError, check_seed, from_dict, load_json, parse_override
 
 OPTIMIZERS = ("adamw", "muon")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -89,6 +89,7 @@ class TrainConfig:
     wandb_project: str = "tinygemma"
 
     def __post_init__(self):
+        check_seed(self.seed)
         checks = [
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.precision in PRECISIONS, f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}"),
@@ -102,7 +103,6 @@ class TrainConfig:
             (self.muon_momentum is None or 0 <= self.muon_momentum < 1,
              f"muon_momentum must lie in [0, 1), got {self.muon_momentum}"),
             (self.nonfinite in ("stop", "skip"), f"nonfinite must be stop or skip, got {self.nonfinite!r}"),
-            (0 <= self.seed < 2**63, f"seed must lie in [0, 2**63), got {self.seed}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
             (self.min_lr is None or self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}"),
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}"),
