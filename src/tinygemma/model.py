@@ -155,6 +155,10 @@ PRESETS: dict[str, dict] = {
                  layer_types=[SLIDING, SLIDING, FULL]),
     "small": dict(context_length=1024, hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=1, head_dim=64,
                   intermediate_size=768, sliding_window=64, query_pre_attn_scalar=64),
+    # CPU-shaped: the GPT-2 head (50,257 x hidden) is most of a small model's compute, so a narrow stream
+    # buys the most tokens per second; bench/cpu_speedrun.py picked it for `make demo`.
+    "mini": dict(context_length=1024, hidden_size=128, num_layers=6, num_heads=4, num_kv_heads=1, head_dim=32,
+                 intermediate_size=512, sliding_window=64, query_pre_attn_scalar=32),
 }
 
 
