@@ -1,4 +1,5 @@
-"""`make demo`'s script end to end, shortened: prepare, train, eval, samples report, plots, a story."""
+"""`make demo`'s script end to end, shortened: prepare, train, eval, samples report, plots, a story, the results
+page."""
 
 import os
 import subprocess
@@ -21,7 +22,8 @@ def test_demo_script_runs_end_to_end(tmp_path, sample_dir):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True,
                           timeout=1800)  # a hang guard: busy machines are slow
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for step in ("1/5 prepare", "2/5 train", "3/5 eval", "4/5 samples", "5/5 generate"):
+    for step in ("1/6 prepare", "2/6 train: mini preset, Muon", "3/6 eval", "4/6 samples", "5/6 generate",
+                 "6/6 report"):
         assert step in proc.stdout
     assert "done: step 20, 40,960 tokens" in proc.stdout  # a fixed number of tokens, not a time budget
     assert "training took" in proc.stdout and "the demo took" in proc.stdout
@@ -29,5 +31,5 @@ def test_demo_script_runs_end_to_end(tmp_path, sample_dir):
     assert "Once upon a time there was a pumpkin." in proc.stdout
     run = tmp_path / "run"
     for name in ("best/model.safetensors", "best/tokenizer.json", "best/README.md", "metrics.jsonl", "loss.png",
-                 "lr.png", "grad_norm.png", "samples.md", "samples.html"):
+                 "lr.png", "grad_norm.png", "samples.md", "samples.html", "report/report.md", "report/report.html"):
         assert (run / name).is_file(), name

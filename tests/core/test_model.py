@@ -39,9 +39,11 @@ def test_preset_sizes():
     assert untied.param_breakdown()["total"] == 164_654_976  # the tutorial's 164.7M
     cfg = load_model_config("gemma3-270m")
     assert [i for i, t in enumerate(cfg.layer_types) if t == FULL] == [5, 11, 17]
-    for name in ("tiny", "small"):
+    for name in ("tiny", "small", "mini"):  # CPU presets keep every Gemma 3 feature
         c = load_model_config(name)
         assert FULL in c.layer_types and SLIDING in c.layer_types and c.num_kv_heads < c.num_heads
+        assert c.sliding_window < 128 and c.tie_embeddings  # the window is shorter than the CPU block
+    assert load_model_config("mini").param_breakdown()["total"] == 7_861_888
 
 
 def test_param_count_matches_module():

@@ -37,7 +37,7 @@ class TrainConfig:
 
     data: str = field(default="data/tinystories", metadata={"help": "prepared data folder"})
     out: str = field(default="runs/gemma3-270m", metadata={"help": "run folder (checkpoints, metrics, plots)"})
-    model: str = field(default="gemma3-270m", metadata={"help": "preset (gemma3-270m|small|tiny) or config JSON"})
+    model: str = field(default="gemma3-270m", metadata={"help": "preset (gemma3-270m|small|mini|tiny) or config JSON"})
     finetune_from: str | None = field(default=None, metadata={"help": "start from this checkpoint's weights and "
                                                                        "train on instruct records (finetune)"})
     seed: int = 1337
