@@ -6,10 +6,12 @@
 
 Every row trains one configuration (preset, recipe, precision, block size, micro-batch) on the shared TinyStories
 sample with the same seed and schedule shape (its recipe's warmup fraction, cosine to lr/10). The budget is wall
-clock, but a run is counted in tokens: a short probe measures the configuration's training tokens/s, and the run
-gets ``rate x minutes`` tokens (whole steps). So its loss does not depend on what else the machine did during the
-run; only its wall time does, which the table reports beside the load average. Run it on a quiet machine: the
-probes must be.
+clock, but a run is counted in tokens: short probes measure every configuration's training tokens/s first (in
+interleaved rounds, the median kept), and each run gets ``rate x minutes`` tokens (whole steps). So its loss does
+not depend on what else the machine did during the run; only its wall time does, which the table reports beside
+the load average. Run it on a quiet machine: the probes must be. On a busy one, ``--reference ROW=TOKENS_PER_S``
+scales every probed rate by that row's rate measured earlier on the quiet machine (the ratios between rows probed
+in the same rounds hold under a steady load; the absolute rates do not).
 
 Each row: steps, tokens, probed tokens/s, wall time (evaluations included), the whole validation split's loss
 and bits per byte (``tinygemma eval``'s measure, at the row's block size), and the samples report's measures on
@@ -61,12 +63,20 @@ class Row:
 
 GRID = [
     Row("mini-muon-fp32", "mini"),
-    Row("mini-muon-bf16", "mini", precision="bf16"),
-    Row("small-muon-fp32", "small", micro_batch=8),
-    Row("tiny-muon-fp32", "tiny"),
-    Row("mini-adamw-fp32", "mini", recipe="adamw"),
     Row("mini-muon-fp32-b256", "mini", block_size=256, micro_batch=8),
+    Row("small-muon-fp32", "small", micro_batch=8),
+    Row("mini-muon-bf16", "mini", precision="bf16"),
+    Row("mini-adamw-fp32", "mini", recipe="adamw"),
+    Row("tiny-muon-fp32", "tiny"),
 ]
+ROWS = {r.name: r for r in GRID}
+
+
+def reference(text: str) -> tuple[str, float]:
+    name, _, rate = text.partition("=")
+    if name not in ROWS or not rate:
+        raise argparse.ArgumentTypeError(f"expected ROW=TOKENS_PER_S with ROW one of {', '.join(ROWS)}")
+    return name, float(rate)
 
 
 def overrides(row: Row, out: Path, args: argparse.Namespace, **budget) -> dict:
@@ -87,12 +97,22 @@ def probe(row: Row, args: argparse.Namespace) -> float:
     return statistics.median(rates)
 
 
-def run(row: Row, args: argparse.Namespace) -> dict:
-    """Probe, then train ``row`` on its token budget; returns its results (kept in WORKDIR/NAME/row.json)."""
+def probe_rates(rows: list[Row], args: argparse.Namespace) -> dict[str, float]:
+    """Tokens/s of every row: the median over ``--probe-rounds`` interleaved rounds, scaled by ``--reference``."""
+    measured: dict[str, list[float]] = {r.name: [] for r in rows}
+    for _ in range(args.probe_rounds):  # interleaved, so that a burst of load hits every row alike
+        for row in rows:
+            measured[row.name].append(probe(row, args))
+    rates = {name: statistics.median(values) for name, values in measured.items()}
+    if args.reference:
+        name, quiet = args.reference
+        rates = {k: v * quiet / rates[name] for k, v in rates.items()}
+    return rates
+
+
+def run(row: Row, rate: float, args: argparse.Namespace) -> dict:
+    """Train ``row`` on ``rate`` x minutes tokens; returns its results (kept in WORKDIR/NAME/row.json)."""
     out = Path(args.workdir) / row.name
-    if (out / "row.json").is_file() and not args.rerun:
-        return json.loads((out / "row.json").read_text())
-    rate = probe(row, args)
     per_step = row.block_size * row.micro_batch
     steps = max(1, int(rate * args.minutes * 60 / per_step))
     cfg = resolve_config(load_recipe(row.recipe), overrides(
@@ -101,7 +121,8 @@ def run(row: Row, args: argparse.Namespace) -> dict:
     load = os.getloadavg()[0]
     state = train(cfg, recipe=row.recipe, force=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    result = {**asdict(row), **row.lrs, "probe_tokens_per_s": rate, "steps": state.step, "tokens": state.tokens,
+    result = {**asdict(row), **row.lrs, "probe_tokens_per_s": rate, "reference": args.reference,
+              "steps": state.step, "tokens": state.tokens,
               "train_s": state.elapsed_s, "load_at_start": load, "load_at_end": os.getloadavg()[0],
               "curve": [(r["elapsed_s"], r["tokens"], r["val_loss"]) for r in records if "val_loss" in r],
               "checkpoint": str(rundir.checkpoint_dir(out, state.step))}
@@ -164,21 +185,30 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--probe-warmup", type=int, default=3)
     p.add_argument("--probe-steps", type=int, default=8)
+    p.add_argument("--probe-rounds", type=int, default=2)
+    p.add_argument("--reference", type=reference, metavar="ROW=TOKENS_PER_S",
+                   help="scale the probed rates so that ROW's is this (its rate on the quiet machine)")
     p.add_argument("--rerun", action="store_true", help="train rows that WORKDIR already holds again")
     p.add_argument("--source", default=os.environ.get("TINYSTORIES_DIR", "../shared/data/tinystories"))
     p.add_argument("--workdir", default="runs/bench-speedrun")
     p.add_argument("--plot", default="docs/speedrun.png")
     p.add_argument("--best", type=int, default=4, help="rows in the plot")
     args = p.parse_args()
-    known = {r.name: r for r in GRID}
-    if unknown := set(args.only or []) - set(known):
+    if unknown := set(args.only or []) - set(ROWS):
         p.error(f"unknown rows: {', '.join(sorted(unknown))}")
     work = Path(args.workdir)
     if not (work / "data" / "meta.json").is_file():
         prepare(PrepareConfig(source=args.source, out=str(work / "data")))
+    names = args.only or list(ROWS)
+    done = {n: json.loads((work / n / "row.json").read_text()) for n in names
+            if (work / n / "row.json").is_file() and not args.rerun}
+    todo = [n for n in names if n not in done]
+    if args.reference and todo and args.reference[0] not in todo:  # probed in the same rounds as the others
+        todo.append(args.reference[0])
+    rates = probe_rates([ROWS[n] for n in todo], args) if todo else {}
     rows = []
-    for name in args.only or known:
-        rows.append(run(known[name], args))
+    for name in names:
+        rows.append(done.get(name) or run(ROWS[name], rates[name], args))
         print(f"{name}: whole val {rows[-1]['val_loss']:.4f} after {rows[-1]['tokens']:,} tokens "
               f"({rows[-1]['train_s'] / 60:.1f} min)", flush=True)
     plot(rows, Path(args.plot), args.best)
