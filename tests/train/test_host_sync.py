@@ -94,3 +94,64 @@ def test_no_host_sync_between_read_steps(data_dir, tmp_path, counter, case):
     between = {step: s for step, s in enumerate(seen, 1) if step not in (4, 8)}
     assert between == {step: [] for step in between}, between
     assert seen[3] and seen[7]  # the counter sees the read steps' one copy (and fp16's loss-scale read)
+
+
+# -- non-finite steps without a host read: skipped on the device, reported at the next read step -----------
+def _nan_at_second_step(monkeypatch):
+    from tinygemma.train import trainer as train_module  # the module that calls forward_backward
+
+    real, calls = train_module.forward_backward, []
+
+    def poisoned(step_model, batches, precision):
+        loss = real(step_model, batches, precision)
+        calls.append(1)
+        if len(calls) == 2:  # as a blown-up activation would: NaN in one gradient
+            next(step_model.parameters()).grad[0, 0] = float("nan")
+        return loss
+    monkeypatch.setattr(train_module, "forward_backward", poisoned)
+
+
+@pytest.mark.parametrize("recipe", ["adamw", "default"])  # fused AdamW's found_inf; Muon's put-back copy
+def test_a_skipped_step_is_undone_on_the_device_and_reported_at_the_next_read(data_dir, tmp_path, monkeypatch,
+                                                                               caplog, recipe):
+    from safetensors.torch import load_file
+
+    from tinygemma.train.optim import Precision
+    from tinygemma.train.trainer import train
+
+    run = {"data": str(data_dir), **CONFIG, "nonfinite": "skip"}
+    real = Precision.clip_and_step
+    calls = []
+
+    def no_step_at_second(self, optimizer, params, grad_clip, guard=True):  # the reference: step 2 does nothing
+        calls.append(1)
+        if len(calls) == 2:
+            return torch.zeros(()), torch.zeros((), dtype=torch.bool)
+        return real(self, optimizer, params, grad_clip, guard)
+    with monkeypatch.context() as m:
+        m.setattr(Precision, "clip_and_step", no_step_at_second)
+        train({**run, "out": str(tmp_path / "ref")}, recipe=recipe)
+    _nan_at_second_step(monkeypatch)
+    state = train({**run, "out": str(tmp_path / "skip")}, recipe=recipe)
+    assert state.skipped_steps == 1
+    assert "step 2: non-finite loss" in caplog.text  # said at step 4, the first read
+    ref, skip = (load_file(tmp_path / r / "checkpoint-8" / "model.safetensors") for r in ("ref", "skip"))
+    assert all(torch.equal(ref[k], skip[k]) for k in ref)  # the NaN step left no trace, bit for bit
+
+
+def test_nonfinite_stop_names_the_step_at_the_next_read(data_dir, tmp_path, monkeypatch):
+    from tinygemma.config import UserError
+    from tinygemma.train.trainer import train
+
+    _nan_at_second_step(monkeypatch)
+    with pytest.raises(UserError, match=r"^step 2: non-finite gradient norm \(loss .*, grad norm nan\); stopped "
+                                        r"\(last good checkpoint: none;") as e:
+        train({"data": str(data_dir), "out": str(tmp_path), **CONFIG}, recipe="default")
+    assert len(str(e.value).splitlines()) == 1
+    assert [r["step"] for r in rundir_metrics(tmp_path)] == []  # stopped at step 4, before its line
+
+
+def rundir_metrics(out):
+    from tinygemma import rundir
+
+    return rundir.Metrics(out).read()

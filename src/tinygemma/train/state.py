@@ -105,7 +105,8 @@ class StepResult:
     tokens: int  # positions run, all ranks (fine-tuning rows are cut to the batch's longest record)
     read: bool = False
     loss: float | None = None  # mean over ranks
-    grad_norm: float | None = None  # None when not finite
+    loss_ok: bool = False  # the loss is finite and so is the gradient norm (an fp16 overflow step keeps its loss)
+    grad_norm: float | None = None  # None when it or the loss is not finite
     stop: bool = False  # a rank was asked to stop (SIGINT/SIGTERM): voted at read steps
 
 
@@ -114,22 +115,23 @@ class Tally:
     had a non-finite gradient (skipped there) and how many of those were fp16 overflows (finite loss), the first
     such step, its loss and gradient norm. :meth:`read` copies it to the host at a read step and starts over."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, fp16: bool):
         self.t = torch.zeros(5, dtype=torch.float64, device=device)  # bad, overflows, first step, its loss, norm
+        self.fp16 = fp16  # loss scaling: a non-finite gradient with a finite loss is an overflow
 
-    def add(self, step: int, loss: torch.Tensor, norm: torch.Tensor, bad: torch.Tensor, fp16: bool) -> None:
+    def add(self, step: int, loss: torch.Tensor, norm: torch.Tensor, bad: torch.Tensor) -> None:
         """Count step ``step`` (1-based): ``bad`` says its gradient norm was not finite."""
         first = bad & (self.t[0] == 0)
-        overflow = bad & torch.isfinite(loss) if fp16 else torch.zeros_like(bad)
+        overflow = bad & torch.isfinite(loss) if self.fp16 else torch.zeros_like(bad)
         self.t[:2] += torch.stack([bad, overflow]).double()
         this = torch.stack([torch.full_like(self.t[2], step), loss.double(), norm.double()])
         self.t[2:] = torch.where(first, this, self.t[2:])
 
-    def read(self, loss: torch.Tensor, norm: torch.Tensor, stop_requested: bool,
-             world: int) -> tuple[float, float | None, bool, dict[str, Any]]:
-        """At a read step, in one copy to the host: the loss averaged over ranks, the gradient norm (None unless
-        it and the loss are finite), whether any rank was asked to stop, and this tally (the most any rank saw),
-        which starts over."""
+    def read(self, result: StepResult, loss: torch.Tensor, norm: torch.Tensor, stop_requested: bool,
+             world: int) -> dict[str, Any]:
+        """At a read step, in one copy to the host: ``result``'s loss (averaged over ranks), gradient norm and
+        stop (whether any rank was asked to), and, returned, this tally (the most any rank saw), which starts
+        over."""
         mean = loss.detach().double().reshape(1)
         maxed = torch.cat([torch.full((1,), float(stop_requested), dtype=torch.float64, device=self.t.device), self.t])
         if world > 1:
@@ -138,9 +140,11 @@ class Tally:
         values = torch.cat([mean / world, norm.detach().double().reshape(1), maxed]).tolist()  # waits for the GPU
         loss_v, norm_v, stop, bad, overflows, first, first_loss, first_norm = values
         self.t.zero_()
-        norm_v = norm_v if math.isfinite(loss_v) and math.isfinite(norm_v) else None
-        return loss_v, norm_v, stop > 0, {"bad": int(bad), "overflows": int(overflows), "first": int(first),
-                                          "loss": first_loss, "norm": first_norm}
+        finite = math.isfinite(loss_v) and math.isfinite(norm_v)
+        result.read, result.loss, result.stop, result.grad_norm = True, loss_v, stop > 0, norm_v if finite else None
+        result.loss_ok = math.isfinite(loss_v) and (finite or self.fp16)
+        return {"bad": int(bad), "overflows": int(overflows), "first": int(first), "loss": first_loss,
+                "norm": first_norm}
 
 
 def report_bad_steps(seen: dict[str, Any], state: TrainState, stop: bool, scale: Callable[[], float],

@@ -149,7 +149,6 @@ class Trainer:
         cfg = self.cfg
         self._exit.enter_context(deterministic_mode(cfg.deterministic))  # before CUDA starts (cuBLAS workspace)
         self.device = pick_device(cfg, self.local_rank)
-        self.tally = Tally(self.device)
         self.model_cfg = load_model_config(cfg.model)
         if cfg.block_size > self.model_cfg.context_length:
             raise UserError(f"block_size {cfg.block_size} exceeds the model's context length "
@@ -217,6 +216,7 @@ class Trainer:
         self.model.to(device)
         self.optimizer = build_optimizer(self.model, cfg, device)
         self.precision = Precision(cfg.precision, device)
+        self.tally = Tally(device, fp16=self.precision.scaler is not None)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -319,13 +319,11 @@ class Trainer:
             mean_loss = forward_backward(self.step_model, batches, self.precision)
             norm, bad = self.precision.clip_and_step(self.optimizer, self.model.parameters(), cfg.grad_clip,
                                                      guard=cfg.nonfinite == "skip")
-        self.tally.add(step + 1, mean_loss, norm, bad, fp16=self.precision.scaler is not None)
+        self.tally.add(step + 1, mean_loss, norm, bad)
         self.optimizer.zero_grad(set_to_none=True)
-        result = StepResult(lr_at(cfg, step, self.total_steps()), 0.0, sum(x.numel() for x, _ in batches) * self.world,
-                            read)
+        result = StepResult(lr_at(cfg, step, self.total_steps()), 0.0, sum(x.numel() for x, _ in batches) * self.world)
         if read:
-            result.loss, result.grad_norm, result.stop, seen = self.tally.read(mean_loss, norm, stop_requested,
-                                                                               self.world)
+            seen = self.tally.read(result, mean_loss, norm, stop_requested, self.world)
             report_bad_steps(seen, self.state, cfg.nonfinite == "stop", lambda: self.precision.scaler.get_scale(),
                              self.last_good, self.master)
         result.seconds = time.perf_counter() - t0
@@ -360,8 +358,8 @@ class Trainer:
             return None
         tps = clock.window_tokens / clock.window_s
         clock.window_tokens, clock.window_s = 0, 0.0
-        return {"step": step, "tokens": self.state.tokens, "train_loss": result.loss if math.isfinite(result.loss)
-                else None, "lr": result.lr, "grad_norm": result.grad_norm, "tokens_per_s": tps,
+        return {"step": step, "tokens": self.state.tokens, "train_loss": result.loss if result.loss_ok else None,
+                "lr": result.lr, "grad_norm": result.grad_norm, "tokens_per_s": tps,
                 "mfu": tps * self.flops_per_token / self.peak_total if self.peak_total else None,
                 "peak_mem_mb": peak_memory_mb(self.device)}
 
