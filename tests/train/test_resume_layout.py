@@ -142,6 +142,7 @@ def two_checkpoints(data_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # two spawned ranks
 @pytest.mark.parametrize("fault", ["older-latest", "stale-state"])
 def test_ranks_resume_rank_0s_checkpoint_or_refuse_together(two_checkpoints, data_dir, tmp_path, fault):
     import torch.multiprocessing as mp
