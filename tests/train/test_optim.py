@@ -102,8 +102,8 @@ def test_fp16_scaler_state_round_trips_and_a_skipped_step_lowers_the_scale(model
         loss = model(torch.randint(0, 100, (1, 8)), torch.randint(0, 100, (1, 8)))[1]
     p.backward(loss)
     model.model.embed_tokens.weight.grad[0, 0] = float("inf")
-    norm, stepped = p.clip_and_step(opt, model.parameters(), 1.0)
-    assert not stepped and not torch.isfinite(norm) and p.scaler.get_scale() == 2.0**15
+    norm, bad = p.clip_and_step(opt, model.parameters(), 1.0)
+    assert bad and not torch.isfinite(norm) and p.scaler.get_scale() == 2.0**15
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     other = Precision("fp16", CPU)
     other.load_state_dict(p.state_dict())

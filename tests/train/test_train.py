@@ -341,8 +341,14 @@ def test_cuda_out_of_memory_is_one_line_naming_the_fix(data_dir, tmp_path, monke
     monkeypatch.setattr(train_module, "forward_backward", oom_at_third_step)
     err = _cli_error(capsys, "--data", str(data_dir), "--out", str(tmp_path), *BASE, "--max-steps", "4",
                      "--save-interval", "2")
-    assert re.search(r"out of memory .*micro-batch 4, block size 32: lower --micro-batch and raise --grad-accum "
-                     r"\(e\.g\. --micro-batch 2 --grad-accum 4 .*last good checkpoint: .*checkpoint-2$", err), err
+    assert re.search(r"out of memory .*micro-batch 4, block size 32: resume with a lower --micro-batch and a higher "
+                     r"--grad-accum whose product stays 8 \(e\.g\. --micro-batch 2 --grad-accum 4\).*last good "
+                     r"checkpoint: .*checkpoint-2$", err), err
+    # the advice is one a resume takes: the same tokens per step, re-split
+    monkeypatch.setattr(train_module, "forward_backward", real)
+    assert run_cli("--out", str(tmp_path), "--resume", "auto", "--micro-batch", "2", "--grad-accum", "4",
+                   "--no-progress") == 0
+    assert json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["tokens"] == 4 * 8 * 32
 
 
 # -- bad input: one line, exit 2, nothing lost -----------------------------------------------------------

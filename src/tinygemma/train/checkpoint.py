@@ -77,7 +77,6 @@ def load_torch(path: Path, device: torch.device) -> Any:
         raise UserError(f"{path}: unreadable or corrupt ({type(e).__name__})") from None
 
 
-
 def resumed_config(ckpt: Path, overrides: dict[str, Any],
                    recipe: str | None) -> tuple[TrainConfig, str | None, dict[str, Any]]:
     """A resumed run's config (the checkpoint's, then the overrides a resume may change), its recipe and the
@@ -85,11 +84,37 @@ def resumed_config(ckpt: Path, overrides: dict[str, Any],
     saved_state, saved = rundir.read_checkpoint_meta(ckpt)
     if recipe is not None and recipe != saved.get("recipe"):
         raise UserError(f"--recipe {recipe} differs from the checkpoint's ({saved.get('recipe')})")
-    base = saved["train"]
+    base = {**saved["train"], "allow_new_world_size": False}  # a permission for one resume, never inherited
     changed = sorted(k for k in overrides if k not in RESUMABLE_KEYS and overrides[k] != base.get(k))
     if changed:
         raise UserError(f"cannot change {', '.join(changed)} when resuming {ckpt}")
     return resolve_config(base, overrides), saved.get("recipe"), saved_state
+
+
+def batch_change(ckpt: Path, cfg: TrainConfig, world: int) -> tuple[str, bool] | None:
+    """What a resume on ``world`` ranks with ``cfg``'s micro-batch and accumulation does to the batch of the run
+    in ``ckpt``: None (nothing), a note (a re-split: micro-batch x grad-accum x ranks keeps its product, so every
+    step trains on the same sequences), or a warning (``allow_new_world_size``: another number of ranks changes
+    the tokens per step). Another product is refused in one line. Returns (line, is_warning)."""
+    saved = rundir.read_run_config(ckpt) or {}
+    train, old_world = saved.get("train", {}), saved.get("world_size", 1)
+    old = (train.get("micro_batch", cfg.micro_batch), train.get("grad_accum", cfg.grad_accum), old_world)
+    new = (cfg.micro_batch, cfg.grad_accum, world)
+    if old == new:
+        return None
+    (m0, a0, w0), (m1, a1, w1) = old, new
+    was, now = f"{m0} x {a0} x {w0} = {m0 * a0 * w0}", f"{m1} x {a1} x {w1} = {m1 * a1 * w1}"
+    if m0 * a0 * w0 == m1 * a1 * w1:
+        return f"resuming {ckpt} with micro-batch x grad-accum x ranks {now} (was {was}): the same sequences " \
+               "per step", False
+    if w0 != w1 and cfg.allow_new_world_size:
+        return (f"--allow-new-world-size: {w0} -> {w1} ranks change the sequences per step from {was} to {now}: "
+                "other batches from here on, and a max-tokens budget becomes another number of steps"), True
+    accum = m0 * a0 * w0 / (m1 * w1)
+    fix = f" (e.g. --grad-accum {int(accum)})" if accum == int(accum) and accum >= 1 else ""
+    flag = " or pass --allow-new-world-size" if w0 != w1 else ""
+    raise UserError(f"resuming {ckpt}: micro-batch x grad-accum x ranks would be {now}, was {was}; keep the "
+                    f"product{fix} so every step trains on the same sequences{flag}")
 
 
 def finetune_start(checkpoint: str | Path) -> dict[str, str]:
@@ -104,11 +129,11 @@ def finetune_start(checkpoint: str | Path) -> dict[str, str]:
 
 
 def model_card_facts(name: str, step: int, tokens: int, train_time_s: float, cfg: TrainConfig, recipe: str | None,
-                     hardware: str, val_loss: float | None, world: int, samples: list[str]) -> dict[str, Any]:
+                     hardware: str, val_loss: float | None, eval_rows: int, samples: list[str]) -> dict[str, Any]:
     """What a checkpoint's model card says about its training (:class:`tinygemma.hf_folder.CardInfo`'s fields)."""
     return {"name": name, "step": step, "tokens_seen": tokens, "recipe": recipe, "hardware": hardware,
             "training_time_s": train_time_s, "train_config": to_dict(cfg), "val_loss": val_loss,
-            "val_tokens": cfg.eval_batches * cfg.micro_batch * cfg.block_size * world, "samples": samples}
+            "val_tokens": eval_rows * cfg.block_size, "samples": samples}
 
 
 # -- the run folder of a new run ----------------------------------------------------------------------------

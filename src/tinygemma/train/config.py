@@ -3,11 +3,13 @@
 :class:`tinygemma.trainer.Trainer` runs these pieces (``tinygemma train``): random windows from a memmap, AdamW
 (or Muon for the blocks' matrices, see optim.py) with warmup + cosine decay fitted to the budget, gradient
 accumulation, fp32 master weights with bf16 autocast on CUDA (fp16 + loss scaling where bf16 is missing),
-optional torch.compile, DDP under torchrun, and checkpoints that resume bit for bit.
+optional torch.compile, DDP under torchrun, and checkpoints that resume exactly (bit for bit on CPU and with
+``deterministic`` on CUDA; see docs/training.md).
 
 Determinism: the batches of optimizer step ``s`` are a pure function of (seed, s), and rank r takes
 its slice of them, so a resumed run, a run with more accumulation or a run on more ranks sees exactly
-the same global batch. Nothing else in the loop draws random numbers.
+the same global batch (which is why a resume may re-split micro_batch x grad_accum x ranks when the
+product stays). Nothing else in the loop draws random numbers.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ MUON_KEYS = ("muon_lr", "muon_weight_decay", "muon_momentum")
 
 
 # Keys that may change when resuming (budget, bookkeeping); anything else would silently change the run.
+# micro_batch and grad_accum only as a re-split: their product with the ranks is checked on resume
+# (checkpoint.batch_change).
 RESUMABLE_KEYS = {*BUDGET_KEYS, "data", "out", "eval_interval", "save_interval", "log_interval", "keep_last",
-                  "compile", "progress", "wandb", "wandb_project", "nonfinite", "peak_tflops", "device"}
+                  "compile", "progress", "wandb", "wandb_project", "nonfinite", "peak_tflops", "device",
+                  "micro_batch", "grad_accum", "deterministic", "allow_new_world_size"}
 
 
 @dataclass
@@ -46,10 +51,15 @@ class TrainConfig:
                                                                "with bf16, fp16 + loss scaling on older CUDA "
                                                                "GPUs, fp32 on CPU)"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile (default: on for CUDA)"})
+    deterministic: bool = field(default=False, metadata={"help": "deterministic kernels (torch."
+                                                                  "use_deterministic_algorithms): bitwise resumes "
+                                                                  "on CUDA, at some speed"})
     # batch: tokens per optimizer step = block_size x micro_batch x grad_accum x ranks
     block_size: int = 512
     micro_batch: int = 32
     grad_accum: int = 4
+    allow_new_world_size: bool = field(default=False, metadata={"help": "resume on another number of ranks "
+                                                                         "even though the tokens per step change"})
     # budget: exactly one of these (a command-line budget replaces the recipe's)
     max_steps: int | None = None
     max_tokens: int | None = 614_400_000

@@ -150,25 +150,20 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def clip_and_step(self, optimizer: Optimizers, params: Iterable[torch.Tensor],
-                      grad_clip: float) -> tuple[torch.Tensor, bool]:
-        """Clip the (unscaled) gradient to ``grad_clip`` (0: off) and step unless it is not finite.
-
-        Returns (grad norm before clipping, whether the optimizer stepped). Under fp16 a non-finite gradient
-        is the scaler's business: it skips the step and halves the scale. One host sync per step.
-        """
+    def clip_and_step(self, optimizer: Optimizers, params: Iterable[torch.Tensor], grad_clip: float,
+                      guard: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip the (unscaled) gradient to ``grad_clip`` (0: off) and step, skipping the update on the device when
+        the gradient norm is not finite: no host sync. Under fp16 the scaler then lowers its scale (an overflow);
+        ``guard=False`` lets an optimizer that cannot skip in its kernel step anyway (the run stops at the next
+        host read). Returns (grad norm before clipping, whether it was not finite), both on the device."""
         if self.scaler:
-            self.scaler.unscale_(optimizer)
+            self.scaler.unscale_(optimizer)  # records the scaler's own inf check for update(); no sync
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        if self.scaler is None:
-            stepped = math.isfinite(norm.item())
-            if stepped:
-                optimizer.step()
-            return norm, stepped
-        scale = self.scaler.get_scale()
-        self.scaler.step(optimizer)  # skipped when the unscaled gradient holds inf/NaN
-        self.scaler.update()
-        return norm, self.scaler.get_scale() >= scale  # a skipped step always lowers the scale
+        bad = ~torch.isfinite(norm)
+        step_unless(optimizer, bad, guard or self.scaler is not None)
+        if self.scaler:
+            self.scaler.update()  # halves the scale after an overflow, grows it after enough good steps
+        return norm, bad
 
     def state_dict(self) -> dict[str, Any]:
         """The scaler's state (plain numbers, so it fits trainer_state.json); empty without a scaler."""
@@ -179,17 +174,46 @@ class Precision:
             self.scaler.load_state_dict(state)
 
 
+@torch.no_grad()
+def step_unless(optimizer: Optimizers, bad: torch.Tensor, guard: bool) -> None:
+    """Step every optimizer unless ``bad`` (a 0-d bool on the device), decided on the device. An optimizer that
+    takes GradScaler's ``found_inf`` (fused AdamW) skips in its kernel; another steps, and with ``guard`` its
+    parameters and state are put back where ``bad`` (a copy of them per step: memory of one more such set)."""
+    for opt in optimizer.optimizers.values():
+        if getattr(opt, "_step_supports_amp_scaling", False):
+            opt.grad_scale, opt.found_inf = None, bad.float()
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+            continue
+        if not guard:
+            opt.step()
+            continue
+        before = [t for g in opt.param_groups for t in g["params"]]
+        before += [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+        saved = [t.clone() for t in before]
+        known = {id(t) for t in before}
+        opt.step()
+        for t, old in zip(before, saved, strict=True):
+            torch.where(bad, old, t, out=t)
+        for state in opt.state.values():  # state made by this step (the first): as if it never ran
+            for t in state.values():
+                if isinstance(t, torch.Tensor) and id(t) not in known:
+                    t.masked_fill_(bad, 0)
+
+
 # -- out of memory --------------------------------------------------------------------------------------
 @contextmanager
 def explain_oom(micro_batch: int, block_size: int, grad_accum: int, last_good: Callable[[], str]) -> Iterator[None]:
-    """Turn CUDA out-of-memory inside a training step into one line that says what to change."""
+    """Turn CUDA out-of-memory inside a training step into one line that says what to change: a smaller
+    micro-batch with the accumulation that keeps the tokens per step is a re-split a resume accepts."""
     try:
         yield
     except torch.cuda.OutOfMemoryError:
-        keep = (f" (e.g. --micro-batch {micro_batch // 2} --grad-accum {grad_accum * 2} keeps the tokens per step)"
+        keep = (f" (e.g. --micro-batch {micro_batch // 2} --grad-accum {grad_accum * 2})"
                 if micro_batch % 2 == 0 else "")
         raise UserError(f"CUDA out of memory in a training step at micro-batch {micro_batch}, block size "
-                        f"{block_size}: lower --micro-batch and raise --grad-accum{keep}, or lower --block-size; "
+                        f"{block_size}: resume with a lower --micro-batch and a higher --grad-accum whose product "
+                        f"stays {micro_batch * grad_accum}{keep}, or start over with a lower --block-size; "
                         f"last good checkpoint: {last_good()}") from None
 
 

@@ -88,7 +88,12 @@ class InstructDataset(TokenDataset):
 
 # -- data -----------------------------------------------------------------------------------------------
 class Sampler:
-    """Random windows of block_size + 1 tokens; the global batch of a step depends only on (seed, step)."""
+    """Random windows of block_size + 1 tokens; the global batch of a step depends only on (seed, step).
+
+    A step draws micro x world x accum window starts in one flat sequence from a generator seeded with
+    (seed, step); micro-batch i of rank r takes its slice. Any layout with the same product therefore trains
+    on the same sequences in a step, which is what lets a resume re-split micro-batch, accumulation and ranks.
+    """
 
     kind = "random_windows"
 
@@ -112,9 +117,11 @@ class Sampler:
         """This rank's micro-batches for optimizer step ``step``: grad_accum tensors of (micro, block+1)."""
         return self._draw(np.random.default_rng([self.seed, 0, step]), self.accum)
 
-    def fixed_batches(self, purpose: int, count: int) -> list:
-        """``count`` global batches that are the same at every evaluation."""
-        return self._draw(np.random.default_rng([self.seed, purpose]), count)
+    def fixed_batches(self, purpose: int, rows: int) -> list:
+        """The same ``rows`` sequences at every evaluation, in global batches of micro x world (this rank's
+        slice of each); a layout whose micro x world does not divide ``rows`` adds rows to fill the last batch.
+        The sequences depend on ``rows``, not on the layout, so a re-split resume evaluates the same ones."""
+        return self._draw(np.random.default_rng([self.seed, purpose]), -(-rows // (self.micro * self.world)))
 
     def state(self) -> dict[str, Any]:
         return {"kind": self.kind, "seed": self.seed, "world": self.world, "micro_batch": self.micro,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -33,6 +34,7 @@ from tinygemma.log import progress, warn
 from tinygemma.model import Gemma3, load_model_config
 from tinygemma.plots import write_plots
 from tinygemma.train.checkpoint import (
+    batch_change,
     check_apart,
     check_new_run,
     check_out_folder,
@@ -49,7 +51,20 @@ from tinygemma.train.config import TrainConfig, load_recipe, resolve_config
 from tinygemma.train.hardware import peak_flops, peak_memory_mb, pick_device, training_bytes, use_compile
 from tinygemma.train.optim import Precision, build_optimizer, explain_oom, forward_backward, lr_at, lr_factor, set_lr
 from tinygemma.train.sampler import InstructDataset, RecordSampler, Sampler
-from tinygemma.train.state import Clock, RunLog, StepResult, Stop, TrainState, agreed_elapsed
+from tinygemma.train.state import (
+    Clock,
+    RunLog,
+    StepResult,
+    Stop,
+    Tally,
+    TrainState,
+    agreed_max,
+    deterministic_mode,
+    join_ranks,
+    on_every_rank,
+    rank0_value,
+    report_bad_steps,
+)
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -79,9 +94,13 @@ class Trainer:
         check_apart(self.out, overrides.get("finetune_from"))
         self._created = [p for p in (self.out / rundir.LOCK, self.out) if not p.exists()]  # undone if refused
         try:
-            self.saved_scaler: dict | None = None  # the loss scaler's state in the resumed checkpoint
-            self.ckpt = self._find_checkpoint(resume)
-            self.cfg, self.recipe, self.state = self._resolve(overrides, recipe)
+            join_ranks(self.world)  # first: the ranks agree on the checkpoint before anything else
+            self.saved_state: dict[str, Any] = {}  # the resumed checkpoint's trainer state (sampler, scaler)
+            self.batch_note: tuple[str, bool] | None = None  # a resume's re-split or new world size
+            self.ckpt = rank0_value(lambda: self._find_checkpoint(resume), self.world)
+            # each rank reads rank 0's checkpoint; a rank that cannot, or reads another step, stops them all
+            self.cfg, self.recipe, self.state = on_every_rank(lambda: self._resolve(overrides, recipe), lambda r: (
+                str(self.ckpt), r[2].step), self.world, "checkpoint (path, step)")
             if self.cfg.samples and write_samples is None:
                 raise ValueError("samples=True needs write_samples (e.g. tinygemma.eval.samples.write_samples)")
             self.setup(resume, force)
@@ -92,6 +111,8 @@ class Trainer:
                 print("resolved config:\n" + json.dumps(self.run_config, indent=2), flush=True)
                 if self.ckpt is not None:
                     print(f"resumed from {self.ckpt} (step {self.state.step})", flush=True)
+                if self.batch_note is not None:
+                    (warn if self.batch_note[1] else lambda m: print(m, file=sys.stderr))(self.batch_note[0])
         except BaseException:
             self.close()
             if self.master:
@@ -100,12 +121,12 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------------------
     def _find_checkpoint(self, resume: str | None) -> Path | None:
+        """Rank 0's choice (under the run folder's lock, after tidying what a crash left), for every rank."""
         if resume != "auto":
             return Path(resume) if resume else None
         if not self.out.is_dir():
             return None
-        if self.master:
-            self._lock()
+        self._lock()
         return rundir.latest_checkpoint(self.out)
 
     def _lock(self) -> None:
@@ -120,15 +141,14 @@ class Trainer:
         if self.ckpt is None:
             recipe = recipe or self.default_recipe
             return resolve_config(load_recipe(recipe), overrides), recipe, TrainState()
-        cfg, recipe, saved_state = resumed_config(self.ckpt, overrides, recipe)
-        self.saved_scaler = saved_state.get("scaler")
-        return cfg, recipe, TrainState.from_checkpoint(saved_state, str(self.ckpt / rundir.TRAINER_STATE))
+        cfg, recipe, self.saved_state = resumed_config(self.ckpt, overrides, recipe)
+        self.batch_note = batch_change(self.ckpt, cfg, self.world)
+        return cfg, recipe, TrainState.from_checkpoint(self.saved_state, str(self.ckpt / rundir.TRAINER_STATE))
 
     def setup(self, resume: str | None, force: bool) -> None:
         cfg = self.cfg
+        self._exit.enter_context(deterministic_mode(cfg.deterministic))  # before CUDA starts (cuBLAS workspace)
         self.device = pick_device(cfg, self.local_rank)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.model_cfg = load_model_config(cfg.model)
         if cfg.block_size > self.model_cfg.context_length:
             raise UserError(f"block_size {cfg.block_size} exceeds the model's context length "
@@ -159,10 +179,13 @@ class Trainer:
         train_source, val_source = (train_data, val_data) if records else (train_data.tokens, val_data.tokens)
         self.sampler = sampler(train_source, cfg.block_size, cfg.micro_batch, cfg.grad_accum, self.rank, self.world,
                                cfg.seed)
-        # the evaluation batches never change: move them to the device once
+        # the evaluation batches never change (a re-split keeps their rows): move them to the device once
+        saved = self.saved_state.get("sampler", {})
+        self.eval_rows = saved.get("eval_rows") or cfg.eval_batches * saved.get("micro_batch", cfg.micro_batch) \
+            * saved.get("world", self.world)
         val_sampler = sampler(val_source, cfg.block_size, cfg.micro_batch, 1, self.rank, self.world, cfg.seed)
-        self.val_batches = [self.to_device(b) for b in val_sampler.fixed_batches(1, cfg.eval_batches)]
-        self.train_eval_batches = [self.to_device(b) for b in self.sampler.fixed_batches(2, cfg.eval_batches)]
+        self.val_batches = [self.to_device(b) for b in val_sampler.fixed_batches(1, self.eval_rows)]
+        self.train_eval_batches = [self.to_device(b) for b in self.sampler.fixed_batches(2, self.eval_rows)]
 
     def _warn_new_data(self) -> None:
         """Resuming on other training tokens is allowed (e.g. more data) but never silent."""
@@ -193,6 +216,7 @@ class Trainer:
         self.model.to(device)
         self.optimizer = build_optimizer(self.model, cfg, device)
         self.precision = Precision(cfg.precision, device)
+        self.tally = Tally(device, fp16=self.precision.scaler is not None)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -218,7 +242,7 @@ class Trainer:
     def resume(self) -> None:
         """Continue exactly where the checkpoint stopped: optimizer moments and every RNG."""
         load_optimizer_state(self.optimizer, self.ckpt / "optimizer.pt", self.device)
-        self.precision.load_state_dict(self.saved_scaler)
+        self.precision.load_state_dict(self.saved_state.get("scaler"))
         set_rng_states(load_torch(self.ckpt / "rng_state.pt", torch.device("cpu")), self.device)
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -226,7 +250,7 @@ class Trainer:
         """Train until the budget is spent or a signal asks to stop; returns the final state."""
         self.bar = progress(self.total_steps(), initial=self.state.step, desc="train", unit="step",
                             disable=not (self.master and self.cfg.progress))
-        self.clock = Clock(start=time.perf_counter() - self.state.elapsed_s)
+        self.clock = Clock(start=time.perf_counter() - self.state.elapsed_s, agreed_s=self.state.elapsed_s)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
@@ -259,15 +283,23 @@ class Trainer:
         return self.state.total_steps  # time budget: re-estimated from measured step times
 
     def finished(self) -> bool:
+        """The budget is spent: the step count, or a time budget on the slowest rank's clock (read at read steps)."""
         total = self.total_steps()
         if total is not None and self.state.step >= total:
             return True
-        if self.cfg.time_budget is None:
-            return False
-        return agreed_elapsed(self.clock.elapsed(), self.world, self.device) >= self.cfg.time_budget * 60
+        return self.cfg.time_budget is not None and self.clock.agreed_s >= self.cfg.time_budget * 60
 
     def is_eval_step(self) -> bool:
         return self.state.step % self.cfg.eval_interval == 0 or self.state.step >= self.total_steps()
+
+    def reads(self, stop_requested: bool = False) -> bool:
+        """Whether the coming step reads its results to the host (the only steps that wait for the GPU): log,
+        evaluation and checkpoint steps, the last, one without a schedule length yet (a time budget's first), and
+        a signalled step of a single process (ranks vote on stopping at read steps)."""
+        cfg, end, total = self.cfg, self.state.step + 1, self.total_steps()
+        every = (cfg.log_interval, cfg.eval_interval, cfg.save_interval or cfg.eval_interval)
+        return any(end % n == 0 for n in every) or total is None or end >= total or (stop_requested and
+                                                                                      self.world == 1)
 
     def to_device(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) on the device, from a window of block + 1 tokens or an (x, y) pair of records."""
@@ -277,70 +309,45 @@ class Trainer:
         return x, y
 
     def train_step(self, stop_requested: bool = False) -> StepResult:
-        """One optimizer step: batches of this step, forward/backward, the ranks' vote on stopping, the update."""
-        cfg, step, device = self.cfg, self.state.step, self.device
-        t0 = time.perf_counter()
-        factor = lr_factor(cfg, step, self.total_steps())
-        set_lr(self.optimizer, factor)
+        """One optimizer step: batches of this step, forward/backward, the update (skipped on the device when the
+        gradient is not finite). Only a read step (:meth:`reads`) waits for the device, to read its results."""
+        cfg, step = self.cfg, self.state.step
+        read, t0 = self.reads(stop_requested), time.perf_counter()
+        set_lr(self.optimizer, lr_factor(cfg, step, self.total_steps()))
         batches = [self.to_device(b) for b in self.sampler.step_batches(step)]
         with explain_oom(cfg.micro_batch, cfg.block_size, cfg.grad_accum, self.last_good):
             mean_loss = forward_backward(self.step_model, batches, self.precision)
-            grad_norm, stepped = self.precision.clip_and_step(self.optimizer, self.model.parameters(), cfg.grad_clip)
-        shared = torch.stack([mean_loss, torch.tensor(float(stop_requested), device=device)])
-        if self.world > 1:
-            dist.all_reduce(shared)
-            shared[0] /= self.world
-        (loss, stop_votes), norm = shared.tolist(), grad_norm.item()  # one host sync for both
-        finite = math.isfinite(loss) and math.isfinite(norm)
-        overflow = self.precision.scaler is not None and not stepped and math.isfinite(loss)
-        if overflow:
-            self._overflow(step)
-        elif not (stepped and finite):
-            self._nonfinite(step, loss, norm)
+            norm, bad = self.precision.clip_and_step(self.optimizer, self.model.parameters(), cfg.grad_clip,
+                                                     guard=cfg.nonfinite == "skip")
+        self.tally.add(step + 1, mean_loss, norm, bad)
         self.optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
+        result = StepResult(lr_at(cfg, step, self.total_steps()), 0.0, sum(x.numel() for x, _ in batches) * self.world)
+        if read:
+            seen = self.tally.read(result, mean_loss, norm, stop_requested, self.world)
+            report_bad_steps(seen, self.state, cfg.nonfinite == "stop", lambda: self.precision.scaler.get_scale(),
+                             self.last_good, self.master)
+        result.seconds = time.perf_counter() - t0
         self.state.step += 1
-        tokens = sum(x.numel() for x, _ in batches) * self.world
-        self.state.tokens += tokens
-        self.state.train_time_s += dt
-        return StepResult(loss, norm, lr_at(cfg, step, self.total_steps()), dt, finite or overflow, finite,
-                          stop_votes > 0, tokens)
-
-    def _overflow(self, step: int) -> None:
-        """fp16 loss scaling at work: the scaler skipped this step and lowered the scale (not a failure)."""
-        self.state.overflow_steps += 1
-        if self.master:
-            warn(f"step {step + 1}: fp16 gradient overflow; step skipped, loss scale now "
-                 f"{self.precision.scaler.get_scale():g}")
-
-    def _nonfinite(self, step: int, loss: float, norm: float) -> None:
-        if self.cfg.nonfinite == "stop":
-            what = "gradient norm" if math.isfinite(loss) else "loss"
-            raise UserError(f"step {step + 1}: non-finite {what} (loss {loss}, grad norm {norm}); stopped "
-                            f"(last good checkpoint: {self.last_good()}; lower lr or set nonfinite=skip)")
-        self.state.skipped_steps += 1
-        if self.master:
-            warn(f"step {step + 1}: non-finite loss ({loss}) or grad norm ({norm}); step skipped")
+        self.state.tokens += result.tokens
+        self.state.train_time_s += result.seconds
+        return result
 
     def last_good(self) -> str:
         found = rundir.checkpoints(self.out)
         return str(found[-1][1]) if found else "none"
 
     def update_budget(self, result: StepResult) -> None:
-        """Count the step's time; under a time budget, re-fit the schedule's length to the time left."""
+        """Count the step's time; under a time budget, at read steps, agree on the slowest rank's clock and
+        re-fit the schedule's length to the time left."""
         clock = self.clock
         clock.window_tokens += result.tokens
         clock.window_s += result.seconds
-        clock.steps_here += 1
-        if self.cfg.time_budget is None:
+        clock.mark()
+        if self.cfg.time_budget is None or not result.read:
             return
-        timing = torch.tensor(clock.per_step(result.seconds), dtype=torch.float64, device=self.device)
-        if self.world > 1:  # ranks must agree on the estimated total
-            dist.all_reduce(timing, op=dist.ReduceOp.MAX)
-        now, per_step = timing.tolist()
-        self.state.total_steps = self.state.step + int(max(0.0, self.cfg.time_budget * 60 - now) / per_step)
+        clock.agreed_s, per_step = agreed_max(clock.per_step(result.seconds), self.world, self.device)
+        self.state.total_steps = self.state.step + int(max(0.0, self.cfg.time_budget * 60 - clock.agreed_s)
+                                                       / per_step)
         self.bar.total = self.state.total_steps
 
     def record(self, result: StepResult, evaluating: bool) -> dict[str, Any] | None:
@@ -352,7 +359,7 @@ class Trainer:
         tps = clock.window_tokens / clock.window_s
         clock.window_tokens, clock.window_s = 0, 0.0
         return {"step": step, "tokens": self.state.tokens, "train_loss": result.loss if result.loss_ok else None,
-                "lr": result.lr, "grad_norm": result.grad_norm if result.finite else None, "tokens_per_s": tps,
+                "lr": result.lr, "grad_norm": result.grad_norm, "tokens_per_s": tps,
                 "mfu": tps * self.flops_per_token / self.peak_total if self.peak_total else None,
                 "peak_mem_mb": peak_memory_mb(self.device)}
 
@@ -384,15 +391,16 @@ class Trainer:
             record["elapsed_s"] = self.state.elapsed_s
         if not self.master:
             return
-        if record is not None:
-            self.runlog.append(record)
         self.bar.update(1)
-        if record is not None and record.get("val_loss") is not None and self.cfg.progress:
+        if record is None:
+            return
+        self.runlog.append(record)
+        if record.get("val_loss") is not None and self.cfg.progress:
             self.bar.write(f"step {record['step']}: val loss {record['val_loss']:.4f}, train loss "
                            f"{record['eval_train_loss']:.4f}")
-        tps = result.tokens / result.seconds
+        tps, mfu = record["tokens_per_s"], record["mfu"]
         self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tps:,.0f}",
-                             mfu=f"{tps * self.flops_per_token / self.peak_total:.1%}" if self.peak_total else "-")
+                             mfu=f"{mfu:.1%}" if mfu is not None else "-")
 
     def checkpoint(self, is_eval: bool, stopping: bool = False) -> None:
         """After a step: ``best/`` on a new best validation loss, ``checkpoint-STEP`` every save interval, at
@@ -419,11 +427,12 @@ class Trainer:
         state, cfg = self.state, self.cfg
         val_loss = state.best_val_loss if name == rundir.BEST else self.last_eval["val_loss"]
         card = model_card_facts(self.out.name, state.step, state.tokens, state.train_time_s, cfg, self.recipe,
-                                self.hardware, val_loss, self.world, self.last_eval["samples"])
+                                self.hardware, val_loss, len(self.val_batches) * cfg.micro_batch * self.world,
+                                self.last_eval["samples"])
         trainer_state = {**asdict(state),
                          "schedule": {"lr": lr_at(cfg, state.step, self.total_steps()),
                                       "total_steps": self.total_steps(), "tokens_per_step": self.tokens_per_step},
-                         "sampler": {**self.sampler.state(), "next_step": state.step},
+                         "sampler": {**self.sampler.state(), "next_step": state.step, "eval_rows": self.eval_rows},
                          "scaler": self.precision.state_dict()}
         return write_checkpoint(self.out / name, self.model, self.optimizer, trainer_state, self.run_config, card)
 
