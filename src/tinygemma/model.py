@@ -351,7 +351,8 @@ class Gemma3(nn.Module):
             x = x[:, -logits_to_keep:]
         x = self.model.norm(x)
         if targets is not None and not return_logits:
-            return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+            return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
+                                                  torch.is_grad_enabled())
         logits = self.lm_head(x)
         if targets is None:
             return logits
