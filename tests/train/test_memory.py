@@ -146,3 +146,27 @@ def test_describe_cuda_is_one_line_with_every_fact(monkeypatch):
                  "cuDNN 91002", "bf16", "sliding flash_attention", "full cudnn_attention", "compile on",
                  "~30.0 GiB estimated, 79.0 GiB free"):
         assert fact in line, fact
+
+
+SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+@pytest.mark.skipif(not SM80, reason="needs a CUDA GPU of compute capability 8.0 or newer")
+@pytest.mark.parametrize("preset", ["tiny", "small", "gemma3-270m"])
+def test_no_training_shape_falls_back_to_the_math_kernel_on_sm80(preset):
+    # bf16 (auto's choice there) and fp16; fp32 without a mask keeps enable_gqa, which only math takes
+    mc, cuda = load_model_config(preset), torch.device("cuda")
+    for block in (128, 512, 1024):
+        if block <= mc.context_length:
+            for dtype in (torch.bfloat16, torch.float16):
+                assert "math" not in sdpa_backends(mc, block, dtype, cuda).values(), (block, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_start_line_on_this_gpu():
+    from tinygemma.train.hardware import cuda_start_line
+    from tinygemma.train.optim import Precision
+
+    cuda = torch.device("cuda")
+    line = cuda_start_line(load_model_config("gemma3-270m"), default_recipe(), cuda, Precision("auto", cuda), True)
+    assert "\n" not in line and torch.cuda.get_device_name(cuda) in line and "attention: sliding " in line
