@@ -38,3 +38,23 @@ def tiny_model(delay: float = 0.0, fail: bool = False) -> Gemma3:
     if delay or fail:
         model.forward = slow_forward
     return model
+
+
+def saved_bytes(run, exclude=()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``run()`` runs (the storages of the
+    tensors in ``exclude``, e.g. the parameters, left out). Every saved tensor stays alive until the count is made,
+    so no storage address is reused within it."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    total = sum(seen.values())
+    del out
+    return total

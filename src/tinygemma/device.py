@@ -63,10 +63,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype names (gener
 
 
 def inference_dtype(name: str, device: str | torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA (what inference there runs in), fp32 elsewhere (CPUs gain nothing from bf16
-    matrix-vector products, see bench/generate.py); else ``bf16`` / ``fp32``."""
+    """``auto``: bf16 on CUDA GPUs with native bf16 (Ampere and later), fp32 elsewhere: older GPUs only emulate
+    bf16, fp16 weights would put the residual stream in fp16, where Gemma 3's activations overflow, and CPUs gain
+    nothing from bf16 matrix-vector products (bench/generate.py); else ``bf16`` / ``fp32``."""
     if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        native = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float32
     return DTYPES[name]
 
 

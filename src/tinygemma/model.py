@@ -27,6 +27,11 @@ from tinygemma.files import atomic_write, atomic_write_text, follow_umask
 from tinygemma.fused import IGNORE_INDEX, LinearCrossEntropy, RMSNormFunction, rms_norm
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+# fp16 tops out at 65,504, and Gemma 3's attention and MLP outputs can exceed it before their post-norms. Under
+# fp16 autocast they are computed 2^8 smaller (a power of two: exact), clamped to the fp16 range as a last resort
+# (transformers' T5 guard) and scaled back in float32 as the post-norm reads them, so eps sees the true scale.
+FP16_SHRINK = 2.0 ** -8
+FP16_LIMIT = torch.finfo(torch.float16).max - 1000
 
 
 @dataclass
@@ -229,7 +234,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, shrink=None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))
@@ -237,8 +242,17 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
-        y = attend(q, k, v, mask, self.scale, expand_kv=q.is_cuda)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = attend(q, k, v, mask, self.scale, expand_kv=q.is_cuda).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y if shrink is None else y * shrink)
+
+
+def sdpa_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            expand_kv: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The K, V and ``enable_gqa`` that :func:`attend` hands to SDPA (also what the kernel probe asks about)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and mask is not None and expand_kv:
+        return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False
+    return k, v, groups > 1
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -247,12 +261,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     shares each K/V head across its query group without a copy. With a mask and ``expand_kv`` (CUDA), K/V are
     expanded to the query heads instead: there torch 2.13 takes enable_gqa with a mask only in the math kernel
     (O(T^2) float32 scores), while expanded heads run the memory-efficient or cuDNN kernels."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1 and mask is not None and expand_kv:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        groups = 1
+    k, v, gqa = sdpa_kv(q, k, v, mask, expand_kv)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                          enable_gqa=groups > 1)
+                                          enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -262,8 +273,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+    def forward(self, x, shrink=None):
+        if shrink is None:
+            return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        h = F.gelu(self.gate_proj(x), approximate="tanh") * (self.up_proj(x) * shrink)  # smaller before the product
+        return self.down_proj(h.clamp(-FP16_LIMIT, FP16_LIMIT))
 
 
 class DecoderLayer(nn.Module):
@@ -277,9 +291,22 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    def forward(self, x, cos, sin, mask=None, cache=None, shrink=None):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, shrink)
+        x = x + post_norm(self.post_attention_layernorm, attn, shrink)
+        return x + post_norm(self.post_feedforward_layernorm, self.mlp(self.pre_feedforward_layernorm(x), shrink),
+                             shrink)
+
+
+def fp16_autocast(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+
+
+def post_norm(norm: RMSNorm, y: torch.Tensor, shrink: float | None) -> torch.Tensor:
+    """``norm(y)``; for a ``y`` computed ``shrink`` times smaller in fp16, the norm of the true ``y`` in float32."""
+    if shrink is None:
+        return norm(y)
+    return norm(y.clamp(-FP16_LIMIT, FP16_LIMIT).float() * (1.0 / shrink))
 
 
 class TextModel(nn.Module):
@@ -348,14 +375,16 @@ class Gemma3(nn.Module):
         x = embed(input_ids) * self.model.embed_scale.to(embed.weight.dtype)
         rope = {t: rope_cos_sin(positions, cfg.head_dim, base, x.dtype)
                 for t, base in ((SLIDING, cfg.rope_local_base), (FULL, cfg.rope_global_base))}
+        shrink = FP16_SHRINK if fp16_autocast(input_ids.device.type) else None
         for i, layer in enumerate(self.model.layers):
             cos, sin = rope[layer.layer_type]
-            x = layer(x, cos, sin, masks[layer.layer_type], None if cache is None else cache[i])
+            x = layer(x, cos, sin, masks[layer.layer_type], None if cache is None else cache[i], shrink)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.model.norm(x)
         if targets is not None and not return_logits:
-            return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+            return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
+                                                  torch.is_grad_enabled())
         logits = self.lm_head(x)
         if targets is None:
             return logits

@@ -295,9 +295,18 @@ def test_compiled_decoding_equals_eager(model):
     assert generate_ids(model, prompts, cfg, compile=True) == generate_ids(model, prompts, cfg)
 
 
+@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_is_bf16_only_where_the_gpu_has_it(monkeypatch, native_bf16, expected):
+    # a T4 or V100 only emulates bf16: auto picks fp32 there (fp16 would overflow Gemma's residual stream)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: asked.append(including_emulation) or native_bf16)
+    assert inference_dtype("auto", "cuda") == expected and asked == [False]
+    assert inference_dtype("auto", "cpu") == torch.float32 and inference_dtype("bf16", "cuda") == torch.bfloat16
+
+
 def test_dtype_flag(ckpt, capsys):
     assert inference_dtype("auto", "cpu") == torch.float32
-    assert inference_dtype("auto", "cuda") == torch.bfloat16
     assert inference_dtype("bf16", "cpu") == torch.bfloat16
     assert main(["generate", str(ckpt), "--prompt", "Once", "--greedy", "--max-new-tokens", "8", "--dtype", "bf16",
                  "--json"]) == 0

@@ -20,6 +20,7 @@ import torch
 from tinygemma.config import UserError
 from tinygemma.model import Gemma3
 from tinygemma.train.config import PRECISIONS, TrainConfig
+from tinygemma.train.muon import BatchedMuon
 
 
 # -- schedule -------------------------------------------------------------------------------------------
@@ -114,10 +115,11 @@ def build_optimizer(model: Gemma3, cfg: Any, device: torch.device) -> Optimizers
                                              fused=device.type in ("cuda", "cpu"))}
     if cfg.optimizer == "muon":
         # match_rms_adamw scales each matrix's orthogonalised update to AdamW's typical RMS (Moonlight),
-        # so muon_lr lives on AdamW's scale and transfers across widths
-        muon = torch.optim.Muon([{"params": roles["matrices"], "peak_lr": cfg.matrix_lr}], lr=cfg.matrix_lr,
-                                weight_decay=cfg.matrix_weight_decay, momentum=cfg.matrix_momentum,
-                                adjust_lr_fn="match_rms_adamw")
+        # so muon_lr lives on AdamW's scale and transfers across widths; BatchedMuon is torch.optim.Muon's math
+        # and state with the Newton-Schulz iteration batched by shape (train/muon.py)
+        muon = BatchedMuon([{"params": roles["matrices"], "peak_lr": cfg.matrix_lr}], lr=cfg.matrix_lr,
+                           weight_decay=cfg.matrix_weight_decay, momentum=cfg.matrix_momentum,
+                           adjust_lr_fn="match_rms_adamw")
         optimizers = {"muon": muon, **optimizers}
     return Optimizers(optimizers)
 

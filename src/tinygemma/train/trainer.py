@@ -48,7 +48,15 @@ from tinygemma.train.checkpoint import (
     write_checkpoint,
 )
 from tinygemma.train.config import TrainConfig, load_recipe, resolve_config
-from tinygemma.train.hardware import peak_flops, peak_memory_mb, pick_device, training_bytes, use_compile
+from tinygemma.train.hardware import (
+    cuda_start_line,
+    fit_micro_batch,
+    peak_flops,
+    peak_memory_mb,
+    pick_device,
+    training_bytes,
+    use_compile,
+)
 from tinygemma.train.optim import Precision, build_optimizer, explain_oom, forward_backward, lr_at, lr_factor, set_lr
 from tinygemma.train.sampler import InstructDataset, RecordSampler, Sampler
 from tinygemma.train.state import (
@@ -88,6 +96,7 @@ class Trainer:
         self.write_samples = write_samples
         self.rank, self.world, self.local_rank = _dist_env()
         self.master = self.rank == 0
+        self.given = set(overrides)  # the flags set (a GPU picks the micro-batch the user left out)
         self._exit = ExitStack()  # the run folder's lock, W&B
         self._locked = False
         self.out = Path(overrides.get("out", TrainConfig.out))
@@ -153,10 +162,15 @@ class Trainer:
         if cfg.block_size > self.model_cfg.context_length:
             raise UserError(f"block_size {cfg.block_size} exceeds the model's context length "
                             f"{self.model_cfg.context_length}")
-        check_memory(training_bytes(self.model_cfg, cfg), self.device, f"training {cfg.model}",
+        if self.device.type == "cuda" and self.ckpt is None and not {"micro_batch", "grad_accum"} & self.given:
+            self.cfg = cfg = fit_micro_batch(self.model_cfg, cfg, self.device, self.world, self.master)
+        check_memory(training_bytes(self.model_cfg, cfg, self.device), self.device, f"training {cfg.model}",
                      "--micro-batch (raise --grad-accum to keep the batch) or --block-size")
         self._setup_data()
         self._setup_model()
+        if self.master and self.device.type == "cuda":
+            print(cuda_start_line(self.model_cfg, cfg, self.device, self.precision, self.eval_model is not self.model),
+                  flush=True)
         if self.master:  # every check passed: only now is the run folder touched
             self._warn_new_data()
             self._claim_out(resume, force)
