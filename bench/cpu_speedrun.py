@@ -72,7 +72,7 @@ GRID = [
 ROWS = {r.name: r for r in GRID}
 
 
-def reference(text: str) -> tuple[str, float]:
+def row_rate(text: str) -> tuple[str, float]:
     name, _, rate = text.partition("=")
     if name not in ROWS or not rate:
         raise argparse.ArgumentTypeError(f"expected ROW=TOKENS_PER_S with ROW one of {', '.join(ROWS)}")
@@ -121,7 +121,8 @@ def run(row: Row, rate: float, args: argparse.Namespace) -> dict:
     load = os.getloadavg()[0]
     state = train(cfg, recipe=row.recipe, force=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    result = {**asdict(row), **row.lrs, "probe_tokens_per_s": rate, "reference": args.reference,
+    source = "given" if row.name in dict(args.rate) else "probed" + (" (scaled)" if args.reference else "")
+    result = {**asdict(row), **row.lrs, "probe_tokens_per_s": rate, "rate_source": source,
               "steps": state.step, "tokens": state.tokens,
               "train_s": state.elapsed_s, "load_at_start": load, "load_at_end": os.getloadavg()[0],
               "curve": [(r["elapsed_s"], r["tokens"], r["val_loss"]) for r in records if "val_loss" in r],
@@ -186,8 +187,10 @@ def main() -> None:
     p.add_argument("--probe-warmup", type=int, default=3)
     p.add_argument("--probe-steps", type=int, default=8)
     p.add_argument("--probe-rounds", type=int, default=2)
-    p.add_argument("--reference", type=reference, metavar="ROW=TOKENS_PER_S",
+    p.add_argument("--reference", type=row_rate, metavar="ROW=TOKENS_PER_S",
                    help="scale the probed rates so that ROW's is this (its rate on the quiet machine)")
+    p.add_argument("--rate", type=row_rate, action="append", default=[], metavar="ROW=TOKENS_PER_S",
+                   help="give ROW this rate instead of probing it (measured earlier; repeatable)")
     p.add_argument("--rerun", action="store_true", help="train rows that WORKDIR already holds again")
     p.add_argument("--source", default=os.environ.get("TINYSTORIES_DIR", "../shared/data/tinystories"))
     p.add_argument("--workdir", default="runs/bench-speedrun")
@@ -202,10 +205,11 @@ def main() -> None:
     names = args.only or list(ROWS)
     done = {n: json.loads((work / n / "row.json").read_text()) for n in names
             if (work / n / "row.json").is_file() and not args.rerun}
-    todo = [n for n in names if n not in done]
+    given = dict(args.rate)
+    todo = [n for n in names if n not in done and n not in given]
     if args.reference and todo and args.reference[0] not in todo:  # probed in the same rounds as the others
         todo.append(args.reference[0])
-    rates = probe_rates([ROWS[n] for n in todo], args) if todo else {}
+    rates = {**(probe_rates([ROWS[n] for n in todo], args) if todo else {}), **given}
     rows = []
     for name in names:
         rows.append(done.get(name) or run(ROWS[name], rates[name], args))

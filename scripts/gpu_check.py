@@ -323,8 +323,8 @@ def child_sdpa(args: argparse.Namespace) -> str:
 
     mc = load_model_config(args.model)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    chosen = sdpa_backends(mc, args.block, torch.device(args.device), dtype)
-    if args.device == "cuda" and torch.cuda.get_device_capability() >= (8, 0) and "MATH" in " ".join(chosen.values()):
+    chosen = sdpa_backends(mc, args.block, dtype, torch.device(args.device))
+    if args.device == "cuda" and torch.cuda.get_device_capability() >= (8, 0) and "math" in " ".join(chosen.values()):
         raise SystemExit(f"an attention kind falls back to the math kernel: {chosen}")
     return ", ".join(f"{kind}: {name}" for kind, name in chosen.items()) + f" (block {args.block})"
 

@@ -246,21 +246,30 @@ class Attention(nn.Module):
         return self.o_proj(y if shrink is None else y * shrink)
 
 
+@torch.compiler.assume_constant_result  # a property of the GPU: a constant for torch.compile, not a graph break
+def flash_capable(device_index: int | None) -> bool:
+    """Whether torch's flash-attention kernel runs on this CUDA GPU (compute capability 8.0 or newer)."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
 def sdpa_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
             expand_kv: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The K, V and ``enable_gqa`` that :func:`attend` hands to SDPA (also what the kernel probe asks about)."""
+    """The K, V and ``enable_gqa`` that :func:`attend` hands to SDPA (also what the kernel probe asks about).
+    On CUDA (``expand_kv``) only flash takes ``enable_gqa`` besides math, so K/V are expanded to the query heads
+    wherever flash cannot run: with a mask, in fp32, and on GPUs older than sm80 (T4, V100)."""
     groups = q.shape[1] // k.shape[1]
-    if groups > 1 and mask is not None and expand_kv:
+    flash = mask is None and q.dtype in (torch.float16, torch.bfloat16)
+    if groups > 1 and expand_kv and not (flash and flash_capable(q.device.index)):
         return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False
     return k, v, groups > 1
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
            expand_kv: bool = False) -> torch.Tensor:
-    """SDPA of ``q`` (B, H, T, D) over ``k``/``v`` (B, KV, S, D) with KV dividing H. Without a mask, enable_gqa
-    shares each K/V head across its query group without a copy. With a mask and ``expand_kv`` (CUDA), K/V are
-    expanded to the query heads instead: there torch 2.13 takes enable_gqa with a mask only in the math kernel
-    (O(T^2) float32 scores), while expanded heads run the memory-efficient or cuDNN kernels."""
+    """SDPA of ``q`` (B, H, T, D) over ``k``/``v`` (B, KV, S, D) with KV dividing H. enable_gqa shares each K/V
+    head across its query group without a copy. On CUDA (``expand_kv``) torch 2.13 takes enable_gqa only in the
+    flash and math kernels, so where flash cannot run (a mask, fp32, pre-sm80 GPUs) K/V are expanded to the query
+    heads instead, and the memory-efficient or cuDNN kernels run rather than math (O(T^2) float32 scores)."""
     k, v, gqa = sdpa_kv(q, k, v, mask, expand_kv)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                           enable_gqa=gqa)

@@ -260,3 +260,20 @@ def test_masked_attention_with_expanded_kv_equals_gqa(kv_heads):
                            + torch.where(mask, 0.0, -torch.inf), -1) @ v.repeat_interleave(H // kv_heads, 1)
     assert (expanded - gqa).abs().max() <= 1e-6
     assert (gqa - direct).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype, mask, sm80, expanded", [
+    (torch.bfloat16, False, True, False),  # flash runs: enable_gqa, no copy
+    (torch.bfloat16, True, True, True),  # a window mask: no flash
+    (torch.float32, False, True, True),  # fp32: no flash
+    (torch.float16, False, False, True),  # T4/V100: no flash
+])
+def test_cuda_expands_kv_wherever_flash_cannot_run(monkeypatch, dtype, mask, sm80, expanded):
+    # torch 2.13 on CUDA takes enable_gqa in flash and math only: elsewhere it must not be asked for
+    import tinygemma.model as model_module
+
+    monkeypatch.setattr(model_module, "flash_capable", lambda index: sm80)
+    q, k = torch.zeros(1, 4, 8, 16, dtype=dtype), torch.zeros(1, 1, 8, 16, dtype=dtype)
+    kk, vv, gqa = model_module.sdpa_kv(q, k, k, torch.ones(8, 8, dtype=torch.bool) if mask else None, True)
+    assert (kk.shape[1], gqa) == ((4, False) if expanded else (1, True))
+    assert model_module.sdpa_kv(q, k, k, None, False)[2]  # CPU: enable_gqa always

@@ -34,7 +34,8 @@ def built(preset: str) -> Gemma3:
 
 def measured(monkeypatch, preset: str, micro: int, block: int, dtype, expand_kv: bool) -> int:
     """Saved bytes of one training forward on CPU; ``expand_kv`` takes the CUDA path of attend()."""
-    if expand_kv:
+    if expand_kv:  # as on an sm80+ GPU
+        monkeypatch.setattr(model_module, "flash_capable", lambda index: True)
         attend = model_module.attend
         monkeypatch.setattr(model_module, "attend", lambda q, k, v, mask, scale, expand_kv=False:
                             attend(q, k, v, mask, scale, expand_kv=True))

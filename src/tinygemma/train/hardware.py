@@ -113,7 +113,8 @@ def saved_bytes(mc: ModelConfig, micro_batch: int, block_size: int, dtype: torch
         fixed += a * mc.num_layers * (2 * h * q + 2 * h * kv + 3 * h * inter)
     for kind in mc.layer_types:
         masked = kind == SLIDING and block_size > mc.sliding_window
-        kv_sdpa = q if masked and expand_kv else kv  # K and V as SDPA sees them
+        flash = not masked and dtype in (torch.float16, torch.bfloat16)  # (an sm80+ GPU assumed)
+        kv_sdpa = q if expand_kv and not flash else kv  # K and V as SDPA sees them (model.sdpa_kv)
         per_token += (8 * h  # the fp32 residual stream before each half of the block
                       + a * h * (5 if amp else 2)  # normed inputs of q/k/v and gate/up: autocast casts per Linear
                       + a * (q + kv)  # q and k projections (their RMSNorms keep them)
