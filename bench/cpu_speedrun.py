@@ -151,10 +151,11 @@ def plot(rows: list[dict], path: Path, best: int) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for r in sorted(rows, key=lambda r: r["val_loss"])[:best]:
-        seconds, _, losses = zip(*r["curve"], strict=True)
-        ax.plot([s / 60 for s in seconds], losses, "o-", markersize=3,
+        _, tokens, losses = zip(*r["curve"], strict=True)
+        ax.plot([t / r["probe_tokens_per_s"] / 60 for t in tokens], losses, "o-", markersize=3,
                 label=f"{r['name']}: {r['val_loss']:.3f} (whole val)")
-    ax.set(xlabel="training wall clock (minutes, evaluations included)",
+    # tokens over the row's probed rate: the quiet machine's clock, whatever load the run itself met
+    ax.set(xlabel="training minutes at the row's quiet rate (tokens / probed tokens/s)",
            ylabel="validation loss (nats, fixed windows)", title="CPU speedrun: loss against wall time", ylim=(2.5, 6))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
