@@ -6,13 +6,13 @@
 # in tokens, not minutes, so every machine gets the same model and figures; only the time differs.
 #   TINYSTORIES_DIR  local TinyStories .txt folder (default: the hub dataset, which needs internet)
 #   DEMO_DATA, DEMO_OUT, DEMO_TOKENS  where the data and the run go, and the training tokens
-#                                     (default TOKENS_DEFAULT = STEPS_DEFAULT steps of 16 x 128)
+#                                     (default 1,144,832 = 559 steps of 16 x 128)
 #   DEMO_MAX_STORIES  prepare only the first N stories of each split (the tests' shortened run)
 set -euo pipefail
 TINYGEMMA=${TINYGEMMA:-.venv/bin/tinygemma}
 DATA=${DEMO_DATA:-data/tinystories}
 OUT=${DEMO_OUT:-runs/demo}
-TOKENS=${DEMO_TOKENS:-737280}
+TOKENS=${DEMO_TOKENS:-1144832}
 SOURCE=${TINYSTORIES_DIR:-roneneldan/TinyStories}
 step() { printf '\n== %s\n' "$*"; }
 start=$SECONDS
