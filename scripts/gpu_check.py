@@ -169,7 +169,7 @@ def fp16(c: Check) -> str:
 
 def long_block(c: Check) -> str:
     s = c.size
-    c.tinygemma("long-block", *c.train_args(c.out / "long", 5), "--block-size", str(s.long_block), "--micro-batch",
+    c.tinygemma("long_block", *c.train_args(c.out / "long", 5), "--block-size", str(s.long_block), "--micro-batch",
                 str(s.long_micro))
     return f"block {s.long_block} x {s.long_micro}, 5 steps"
 

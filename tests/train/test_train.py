@@ -303,28 +303,35 @@ def test_fp16_overflow_is_skipped_lowers_the_scale_and_resumes_with_it(data_dir,
     real = train_module.forward_backward
     calls = []
 
-    def overflow_at_second_step(step_model, batches, precision):
+    def overflow_at_step_16(step_model, batches, precision):
         loss = real(step_model, batches, precision)
         calls.append(1)
-        if len(calls) == 2:  # as a too-large loss scale would: inf in one (scaled) gradient
+        if len(calls) == 16:  # as a too-large loss scale would: inf in one (scaled) gradient
             next(step_model.parameters()).grad[0, 0] = float("inf")
         return loss
 
-    monkeypatch.setattr(train_module, "forward_backward", overflow_at_second_step)
-    args = ["--data", str(data_dir), "--out", str(tmp_path), *BASE, "--precision", "fp16", "--eval-interval", "8"]
-    assert run_cli(*args, "--max-steps", "8") == 0
-    assert "step 2: fp16 gradient overflow; step skipped, loss scale now 32768" in capsys.readouterr().err
+    monkeypatch.setattr(train_module, "forward_backward", overflow_at_step_16)
+    args = ["--data", str(data_dir), "--out", str(tmp_path), *BASE, "--precision", "fp16", "--eval-interval", "20"]
+    assert run_cli(*args, "--max-steps", "20") == 0
+    # the scaler starts at 2^16 and halves at each overflow: the first steps overflow by themselves (the fp16
+    # guard's scaled-down activations get 2^8 larger gradients, model.py), then the injected one at step 16
+    said = re.findall(r"step (\d+): fp16 gradient overflow; step skipped, loss scale now (\d+)",
+                      capsys.readouterr().err)
+    steps, scales = [int(s) for s, _ in said], [float(x) for _, x in said]
+    assert steps[-1] == 16 and 15 not in steps and scales == [2.0**15 / 2**i for i in range(len(steps))]
     rows = metrics(tmp_path)
-    assert [r["grad_norm"] is None for r in rows[:3]] == [False, True, False] and rows[1]["train_loss"] is not None
-    assert np.mean([r["train_loss"] for r in rows[-3:]]) < rows[0]["train_loss"] - 0.5  # fp16 learns
-    state = json.loads((tmp_path / "checkpoint-8" / "trainer_state.json").read_text())
-    assert state["overflow_steps"] == 1 and state["skipped_steps"] == 0 and state["scaler"]["scale"] == 2.0**15
-    optim = torch.load(tmp_path / "checkpoint-8" / "optimizer.pt", weights_only=True)
-    assert {float(s["step"]) for s in optim["state"].values()} == {7.0}  # 8 steps, one skipped
+    assert [r["step"] for r in rows if r["grad_norm"] is None] == steps  # skipped steps log no norm...
+    assert all(r["train_loss"] is not None for r in rows)  # ...but their loss
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5  # fp16 learns
+    state = json.loads((tmp_path / "checkpoint-20" / "trainer_state.json").read_text())
+    assert state["overflow_steps"] == len(steps) and state["skipped_steps"] == 0
+    assert state["scaler"]["scale"] == scales[-1]
+    optim = torch.load(tmp_path / "checkpoint-20" / "optimizer.pt", weights_only=True)
+    assert {float(s["step"]) for s in optim["state"].values()} == {20.0 - len(steps)}  # overflow steps skipped
     # the resumed run starts from the lowered scale (a fresh scaler would start at 2^16)
-    assert run_cli("--out", str(tmp_path), "--resume", "auto", "--max-steps", "10", "--no-progress") == 0
-    state = json.loads((tmp_path / "checkpoint-10" / "trainer_state.json").read_text())
-    assert state["scaler"]["scale"] == 2.0**15 and state["scaler"]["_growth_tracker"] == 8 and len(calls) == 10
+    assert run_cli("--out", str(tmp_path), "--resume", "auto", "--max-steps", "22", "--no-progress") == 0
+    state = json.loads((tmp_path / "checkpoint-22" / "trainer_state.json").read_text())
+    assert state["scaler"]["scale"] == scales[-1] and state["scaler"]["_growth_tracker"] == 6 and len(calls) == 22
 
 
 def test_cuda_out_of_memory_is_one_line_naming_the_fix(data_dir, tmp_path, monkeypatch, capsys):
