@@ -429,11 +429,11 @@ def test_bad_inputs_are_one_line_errors(data_dir, tiny_run, tmp_path, capsys):
 def _vote(rank: int, port: int, clocks: list[float], out: str) -> None:
     import torch.distributed as dist
 
-    from tinygemma.train.state import agreed_elapsed
+    from tinygemma.train.state import agreed_max
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(clocks))
     try:
-        Path(out, f"rank{rank}").write_text(str(agreed_elapsed(clocks[rank], len(clocks), torch.device("cpu"))))
+        Path(out, f"rank{rank}").write_text(str(agreed_max([clocks[rank]], len(clocks), torch.device("cpu"))[0]))
     finally:
         dist.destroy_process_group()
 

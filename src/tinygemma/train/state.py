@@ -274,15 +274,12 @@ def on_every_rank(compute: Callable[[], Any], view: Callable[[Any], Any], world:
 
 
 def agreed_max(values: list[float], world: int, device: torch.device) -> list[float]:
-    """The largest of each value over the ranks, on every rank."""
+    """The largest of each value over the ranks, on every rank: e.g. the slowest rank's clock, so that a time
+    budget's stop is one decision for all (a rank stopping on its own clock would leave the others in the next
+    all-reduce until NCCL's watchdog kills the job)."""
     if world == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
-
-def agreed_elapsed(elapsed: float, world: int, device: torch.device) -> float:
-    """The slowest rank's clock, on every rank: a time budget's stop is one decision for all (a rank stopping
-    on its own clock would leave the others in the next all-reduce until NCCL's watchdog kills the job)."""
-    return agreed_max([elapsed], world, device)[0]

@@ -441,8 +441,7 @@ class Trainer:
         state, cfg = self.state, self.cfg
         val_loss = state.best_val_loss if name == rundir.BEST else self.last_eval["val_loss"]
         card = model_card_facts(self.out.name, state.step, state.tokens, state.train_time_s, cfg, self.recipe,
-                                self.hardware, val_loss, len(self.val_batches) * cfg.micro_batch * self.world,
-                                self.last_eval["samples"])
+                                self.hardware, val_loss, self.eval_rows, self.last_eval["samples"])
         trainer_state = {**asdict(state),
                          "schedule": {"lr": lr_at(cfg, state.step, self.total_steps()),
                                       "total_steps": self.total_steps(), "tokens_per_step": self.tokens_per_step},
