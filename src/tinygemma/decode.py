@@ -55,6 +55,12 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
         raise UserError(f"token ids must lie in [0, {vocab_size})")
 
 
+def row_seed(seed: int | None, sample: int) -> int | None:
+    """The seed of the ``sample``-th row (0, 1, ...) of one prompt sampled with ``seed``: distinct per sample and
+    independent of the other prompts in the batch (None: each row draws its own random seed)."""
+    return None if seed is None else (seed + sample * 0x9E3779B97F4A7C15) % 2**64
+
+
 def bucket(n: int) -> int:
     """Cache length for ``n`` positions: a power of two, at least 256, so that lengths share a compiled step."""
     return max(256, 1 << (n - 1).bit_length())
@@ -241,8 +247,9 @@ class Decoder:
     def add(self, prompt_ids: list[int], cfg: SamplingConfig, seed: int | None = None) -> int:
         """Prefill ``prompt_ids`` (empty: ``<|endoftext|>``, a new story) into a free slot and return the slot.
         The row's first new token comes from the next :meth:`step`, which feeds the prompt's last token. ``seed``
-        (0 <= seed < 2**64) defaults to ``cfg.seed``, else a random one. The row may take ``cfg.max_new_tokens``
-        steps; prompt + max_new_tokens must fit in ``max_len``."""
+        (0 <= seed < 2**64) defaults to ``cfg.seed``; if both are None, add draws a random one. The row may take
+        ``cfg.max_new_tokens`` steps; prompt + max_new_tokens must fit in ``max_len``. After a failed step,
+        removing every row leaves the decoder usable."""
         mc = self.model.config
         ids = list(prompt_ids) or [mc.eot_token_id]
         check_token_ids(ids, mc.vocab_size)
@@ -290,9 +297,10 @@ class Decoder:
     def step(self) -> torch.Tensor:
         """Each slot's next token, (rows,) long on the model's device (free slots: any value). No host sync.
         The tensor may be the step's own output buffer: read or copy it before the next step."""
-        for slot in self.active:
-            if self._left[slot] == 0:
-                raise ValueError(f"slot {slot} has taken its max_new_tokens steps: remove it first")
+        active = self.active
+        if spent := [slot for slot in active if self._left[slot] == 0]:
+            raise ValueError(f"slot {spent[0]} has taken its max_new_tokens steps: remove it first")
+        for slot in active:
             self._left[slot] -= 1
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()

@@ -14,7 +14,6 @@ prompt is allowed and starts a fresh story. A prompt that does not fit in the co
 from __future__ import annotations
 
 import codecs
-import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -22,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from tinygemma.config import UserError
-from tinygemma.decode import Decoder, bucket, check_token_ids, unwrap
+from tinygemma.decode import Decoder, bucket, check_token_ids, row_seed, unwrap
 from tinygemma.model import Gemma3
 from tinygemma.rundir import resolve_checkpoint
 from tinygemma.sampling import SamplingConfig
@@ -74,11 +73,6 @@ def _prepare_prompts(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingCo
         check_token_ids(ids, mc.vocab_size)
         rows.append(ids[-keep:])  # left truncation so that prompt + output fit in the context
     return rows
-
-
-def row_seed(seed: int, sample: int) -> int:
-    """The seed of a prompt's ``sample``-th row: distinct per sample, whatever else is in the batch."""
-    return (seed + sample * 0x9E3779B97F4A7C15) % 2**64
 
 
 def _decoder(model: Gemma3, rows: int, max_len: int, compile: bool) -> Decoder:
@@ -136,10 +130,9 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
     prompts = _prepare_prompts(model, prompt_ids, cfg)
     rows = [(ids, j) for ids in prompts for j in range(cfg.num_samples)]
     decoder = _decoder(model, len(rows), max(map(len, prompts)) + cfg.max_new_tokens, compile)
-    seed = secrets.randbits(64) if cfg.seed is None else cfg.seed
     eot, finished = model.config.eot_token_id, [False] * len(rows)
     try:
-        slots = [decoder.add(ids, cfg, row_seed(seed, j)) for ids, j in rows]
+        slots = [decoder.add(ids, cfg, row_seed(cfg.seed, j)) for ids, j in rows]
         for chunk in _host_chunks(decoder, cfg.max_new_tokens):
             for step in chunk:
                 out = [None if f else step[s] for s, f in zip(slots, finished, strict=True)]

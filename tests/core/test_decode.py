@@ -105,6 +105,27 @@ def test_seeded_sampling_is_reproducible_and_the_rows_own(model):
     assert tokens([0], [4])[0] != both[0]
 
 
+def test_generate_rows_sample_independently_of_the_other_prompts(model):
+    p, q = prompts_of([12, 30], seed=4)
+    cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=0, seed=3, num_samples=2)
+    together = generate_ids(model, [q, p], cfg)
+    assert together[2:] == generate_ids(model, [p], cfg) and together[:2] == generate_ids(model, [q], cfg)
+    assert together[2] != together[3]
+
+
+def test_compiled_step_gives_the_eager_tokens(model):
+    prompts = prompts_of([20, 3], seed=5)
+    cfgs = [SAMPLED, SamplingConfig(max_new_tokens=30, temperature=0.8, top_k=0, top_p=0.9)]
+    out = []
+    for compiled in (False, True):
+        d = Decoder(model, rows=3, max_len=64, compile=compiled, backend="aot_eager")
+        record = {d.add(p, c, seed=2): [] for p, c in zip(prompts, cfgs, strict=True)}
+        record[d.add(prompts[0], GREEDY_CFG)] = []
+        run(d, 30, record)
+        out.append(record)
+    assert out[0] == out[1]
+
+
 def test_bad_input(model):
     d = Decoder(model, rows=2, max_len=100)
     assert d.max_len == 256  # bucketed
