@@ -16,20 +16,27 @@ CUDA); the tutorial's method runs once. On a shared CPU, ``--threads 1`` gives s
 At batch 1 the "bandwidth floor" is the hardware's, measured in the same run (see :func:`bandwidth_floor`):
 the device's streaming-read rate (a large ``sum``) divided by the bytes of weights a decode step must read.
 No batch-1 decoder can beat it where reading the weights is the limit.
-The KV-cache decoder also runs with ``torch.compile`` (unless ``--no-compile``): CUDA graphs on a GPU,
-inductor's fused CPU kernels on a CPU; the compile itself (20-30 s per shape for gemma3-270m on 2 cores)
-is done in a warm-up call and not timed.
+The KV-cache decoder (:class:`tinygemma.decode.Decoder`) also runs compiled (unless ``--no-compile``), one
+graph per decode step: CUDA graphs on a GPU; on a CPU once per inductor setting in ``--cpu-modes`` (default,
+cpp_wrapper, max-autotune-no-cudagraphs), to see which is fastest. The compile is done in a warm-up call and
+not timed; the compiled column times the decoder's steps (prefill included, host copies left out). Each row also
+gives the ATen ops of one eager decode step (counted with a TorchDispatchMode) and the kernels of one compiled
+step (the calls in inductor's generated code: fused kernels, matmuls and other ATen ops).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 import time
 
 import torch
+from torch._inductor.utils import run_and_get_code
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from tinygemma.decode import GREEDY, Decoder, decode_step
 from tinygemma.generate import generate_ids
 from tinygemma.model import Gemma3, load_model_config
 from tinygemma.sampling import SamplingConfig
@@ -100,6 +107,55 @@ def bandwidth_floor(model: Gemma3, device: str, repeat: int) -> float:
     return stream_bandwidth(device, repeat) / weight_bytes(model)
 
 
+class OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def eager_ops_per_step(model: Gemma3, rows: int, prompt: list[int]) -> int:
+    """ATen ops one eager decode step dispatches (greedy rows)."""
+    decoder = Decoder(model, rows, len(prompt) + 2, compile=False)
+    for _ in range(rows):
+        decoder.add(prompt, SamplingConfig(max_new_tokens=2, greedy=True))
+    count = OpCount()
+    with count, torch.inference_mode():
+        decode_step(decoder.model, decoder.state, GREEDY)
+    return count.ops
+
+
+def kernels_in(code: str) -> int | None:
+    """Kernel calls in inductor's generated Python wrapper (None for a C++ one): fused C++/Triton kernels,
+    extern matmuls, ATen fallbacks."""
+    if "def call(" not in code:
+        return None
+    body = code[code.index("def call("):]
+    return len(re.findall(r"^\s+(?:\w+ = )?(?:cpp_fused_\w+\(|triton_\w+\.run\(|extern_kernels\.|torch\.ops\.|aten\.)",
+                          body, re.M))
+
+
+def decoder_speed(model: Gemma3, prompts: list[list[int]], cfg: SamplingConfig, cpu_mode: str, device: str,
+                  repeat: int) -> tuple[float, int | None]:
+    """tokens/s of the compiled Decoder and the kernels of its step; the first call compiles (untimed)."""
+    decoder = Decoder(model, len(prompts), len(prompts[0]) + cfg.max_new_tokens, compile=True, cpu_mode=cpu_mode)
+
+    def call(first: bool = False) -> int:
+        slots = [decoder.add(p, cfg) for p in prompts]
+        kernels = kernels_in(run_and_get_code(decoder.step)[1][-1]) if first else 0
+        for _ in range(cfg.max_new_tokens - first):
+            decoder.step()
+        for s in slots:
+            decoder.remove(s)
+        return kernels
+
+    kernels = call(first=True)
+    return len(prompts) * cfg.max_new_tokens / timed(call, device, repeat), kernels
+
+
 def run(model_name: str, batches: list[int], args, device: str, dtype: torch.dtype, tokenizer_ids: list[int]) -> list:
     torch.manual_seed(0)
     model = Gemma3(load_model_config(model_name)).to(device=device, dtype=dtype).eval()
@@ -124,10 +180,13 @@ def run(model_name: str, batches: list[int], args, device: str, dtype: torch.dty
         res = {"model": model_name, "batch": B, "kv_cache": B * n / kv}
         if B == 1:
             res["floor"] = bandwidth_floor(model, device, max(args.repeat, 5))
+        res["eager_ops"] = eager_ops_per_step(model, B, tokenizer_ids)
         if not args.no_compile:
-            compiled = lambda prompts=prompts: generate_ids(model, prompts, cfg, compile=True)
-            compiled()  # the compile (and CUDA-graph capture), untimed
-            res["kv_cache_compiled"] = B * n / timed(compiled, device, rep)
+            modes = args.cpu_modes.split(",") if device == "cpu" else ["default"]
+            speeds = {m: decoder_speed(model, prompts, cfg, m, device, rep) for m in modes}
+            res["compiled_by_mode"] = {m: v for m, (v, _) in speeds.items()}
+            res["kv_cache_compiled"] = max(res["compiled_by_mode"].values())
+            res["kernels"] = next((k for _, k in speeds.values() if k is not None), "?")
         full = args.full_baseline or device.startswith("cuda") or B == 1
         if full:
             tutorial_generate(model, ids, 2)
@@ -150,8 +209,10 @@ def run(model_name: str, batches: list[int], args, device: str, dtype: torch.dty
 def print_row(r: dict) -> None:
     est = " (est.)" if r["tutorial_estimated"] else ""
     parts = [f"{r['model']:<12} batch {r['batch']:>3}: KV cache {r['kv_cache']:9.1f} tok/s"]
+    parts.append(f"eager step {r['eager_ops']} ATen ops")
     if "kv_cache_compiled" in r:
-        parts.append(f"compiled {r['kv_cache_compiled']:9.1f} tok/s")
+        modes = ", ".join(f"{m} {v:.1f}" for m, v in r["compiled_by_mode"].items())
+        parts.append(f"compiled {r['kv_cache_compiled']:9.1f} tok/s ({modes}; {r['kernels']} kernels/step)")
     parts.append(f"tutorial {r['tutorial']:8.1f} tok/s{est} -> {r['kv_cache'] / r['tutorial']:6.1f}x")
     if "transformers" in r:
         parts.append(f"transformers {r['transformers']:8.1f} tok/s -> {r['kv_cache'] / r['transformers']:5.2f}x")
@@ -175,6 +236,9 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     p.add_argument("--hf-batch32-cpu", action="store_true", help="also time transformers at batch > 1 on the CPU")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--cpu-modes", default="default",
+                   help="inductor settings to time the compiled decoder with on a CPU, comma-separated: default, "
+                        "cpp_wrapper, max-autotune-no-cudagraphs")
     p.add_argument("--repeat", type=int, default=3, help="KV-cache and transformers runs: median of this many")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = p.parse_args()

@@ -21,15 +21,18 @@ SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.equal.d
             aten.masked_select.default, aten.multinomial.default, aten.item.default, aten._unique2.default}
 
 
-@pytest.fixture(scope="module")
-def model():
+def decisive(m):
     """Large random weights: decisive logits and varied outputs (see tests/core/test_generate.py)."""
     torch.manual_seed(0)
-    m = Gemma3(ModelConfig(**{**PRESETS["tiny"], "tie_embeddings": False})).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
             p.normal_(0, 1.0 if "embed" in name else 0.1 if "norm" in name else 0.3)
-    return m
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return decisive(Gemma3(ModelConfig(**{**PRESETS["tiny"], "tie_embeddings": False})))
 
 
 def prompts_of(lengths, seed=1):
@@ -237,3 +240,27 @@ def test_eager_step_op_count_of_gemma3_270m():
         counts[variant] = len(log.ops)
     print(f"eager ATen ops per decode step of gemma3-270m: greedy {counts[GREEDY]}, sampling {counts[CANDIDATES]}")
     assert 18 * 7 < counts[GREEDY] < counts[CANDIDATES]  # at least the 7 projections per layer
+
+
+@pytest.mark.slow  # inductor compiles an 18-layer step (about a minute on 2 CPU cores)
+def test_compiled_step_of_gemma3_270m_is_at_most_300_kernels():
+    """The compiled step of gemma3-270m's graph (18 layers, at a tiny width), a sampling row: the calls in
+    inductor's generated code (fused C++ kernels, matmuls, attention, top-k) are at most 300, against ~1,900
+    ATen ops eager; and its tokens are the eager step's."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    big = decisive(Gemma3(ModelConfig(**NARROW_270M)))
+    tokens = []
+    for compiled in (False, True):
+        d = Decoder(big, rows=2, max_len=64, compile=compiled)
+        d.add([1, 2, 3], SAMPLED, seed=1), d.add([4], GREEDY_CFG)
+        out, codes = run_and_get_code(d.step)
+        tokens.append([out.tolist()] + [d.step().tolist() for _ in range(5)])
+    call = codes[-1][codes[-1].index("def call("):]
+    kernels = re.findall(r"^\s+(?:\w+ = )?(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.[\w.]+)\(", call, re.M)
+    print(f"compiled step of gemma3-270m: {len(kernels)} kernel calls")
+    assert tokens[0] == tokens[1]
+    assert sum(k == "extern_kernels.mm" for k in kernels) == 18 * 7 + 1  # the projections and the head
+    assert len(kernels) <= 300
