@@ -21,6 +21,8 @@ then top-p, as in transformers; a greedy row (temperature 0) takes the argmax of
 from __future__ import annotations
 
 import secrets
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -198,7 +200,7 @@ class Decoder:
     """
 
     def __init__(self, model: Gemma3, rows: int, max_len: int, *, compile: bool | None = None,
-                 cpu_mode: str = "default", backend: str = "inductor") -> None:
+                 cpu_mode: str = "default", backend: str | Callable = "inductor") -> None:
         model = unwrap(model)
         mc = model.config
         if rows < 1 or max_len < 2:
@@ -225,7 +227,10 @@ class Decoder:
             else:
                 kwargs = {"options": {"cpp_wrapper": True}} if cpu_mode == "cpp_wrapper" else \
                     {"mode": None if cpu_mode == "default" else cpu_mode}
-            self._step = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=backend, **kwargs)
+            # Dynamo keeps its compiled graphs per code object and falls back to eager past its recompile limit (8):
+            # each decoder compiles its own copy of the step, so that decoders of other shapes cannot use it up
+            step = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, "decode_step")
+            self._step = torch.compile(step, fullgraph=True, dynamic=False, backend=backend, **kwargs)
 
     def _new_state(self, device: torch.device, dtype: torch.dtype) -> DecodeState:
         mc, R = self.model.config, self.rows

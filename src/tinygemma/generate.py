@@ -90,23 +90,24 @@ def _decoder(model: Gemma3, rows: int, max_len: int, compile: bool) -> Decoder:
 
 def _host_chunks(decoder: Decoder, steps: int) -> Iterator[list[list[int]]]:
     """The new tokens of every slot, ``COPY_EVERY`` steps at a time, as host lists [step][slot]. Tokens are
-    gathered on the device and copied without blocking; the host reads a chunk while the next one decodes."""
+    gathered on the device and copied without blocking; on a GPU the host reads a chunk while the next one
+    decodes (a CPU runs the steps in the call, so there each chunk is read at once)."""
     device = decoder.state.pos.device
-    pending = None
+    lag = int(device.type == "cuda")
+    pending = []
     for start in range(0, steps, COPY_EVERY):
         n = min(COPY_EVERY, steps - start)
         chunk = torch.empty(n, decoder.rows, dtype=torch.long, device=device)
         for j in range(n):
             chunk[j] = decoder.step()  # before the next step, which may reuse the step's output buffer
-        copy = chunk.to("cpu", non_blocking=True)
-        event = torch.cuda.Event() if device.type == "cuda" else None
+        event = torch.cuda.Event() if lag else None
+        pending.append((chunk.to("cpu", non_blocking=True), event))
         if event is not None:
             event.record()
-        if pending is not None:
-            yield _read(*pending)
-        pending = (copy, event)
-    if pending is not None:
-        yield _read(*pending)
+        if len(pending) > lag:
+            yield _read(*pending.pop(0))
+    while pending:
+        yield _read(*pending.pop(0))
 
 
 def _read(copy: torch.Tensor, event: torch.cuda.Event | None) -> list[list[int]]:

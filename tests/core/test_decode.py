@@ -189,6 +189,21 @@ def test_compiled_step_is_one_graph_without_recompiles(model):
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
+def test_decoders_of_many_shapes_each_get_a_compiled_step(model):
+    """More batch sizes than dynamo's recompile limit (lowered to 1 here, 8 by default): every decoder still runs
+    compiled (sharing one cache, the second would fall back to eager, silently)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for rows in (1, 2, 3):
+            d = Decoder(model, rows=rows, max_len=32, compile=True, backend="aot_eager")
+            d.add([1, 2], GREEDY_CFG)
+            d.step()
+    assert counters["stats"]["unique_graphs"] == 3
+
+
 def aten_graph(graphs):
     """A torch.compile backend that keeps the ATen graph (after AOT autograd) of what it compiles, and runs it."""
     from torch._dynamo.backends.common import aot_autograd
