@@ -1,20 +1,19 @@
-"""Story generation with a KV cache: ``tinygemma generate`` and the Python API behind it.
+"""Story generation: ``tinygemma generate`` and the Python API behind it.
 
-The prompt is prefilled in one forward pass, then every step feeds one token per row. Each layer
-keeps its keys/values in a preallocated buffer: full-attention layers hold every position, sliding
-layers only the last ``sliding_window`` positions in a ring buffer, so their memory stays bounded.
+Decoding runs on a :class:`tinygemma.decode.Decoder`: each prompt (times ``num_samples``) takes a slot, its
+prompt is prefilled in one forward pass, then every step feeds one token per row through one graph
+(compiled with ``compile=True``) that also samples the next token on the device. Rows keep their own
+positions, so prompts of unequal length need no padding and a row's tokens are exactly those it would get
+alone. The new tokens are copied to the host every ``COPY_EVERY`` steps, not every step.
 
-Several prompts decode together. Prompts of unequal length are left-padded; boolean masks hide the
-padding and each row gets its own RoPE positions, so a row's tokens are exactly those it would get
-alone. Every prompt is preceded by ``<|endoftext|>`` (how each story starts in the training data),
-so an empty prompt is allowed and starts a fresh story. A prompt that does not fit in the context
-together with ``max_new_tokens`` loses its oldest tokens (left truncation).
+Every prompt is preceded by ``<|endoftext|>`` (how each story starts in the training data), so an empty
+prompt is allowed and starts a fresh story. A prompt that does not fit in the context together with
+``max_new_tokens`` loses its oldest tokens (left truncation).
 """
 
 from __future__ import annotations
 
 import codecs
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -22,7 +21,8 @@ from typing import NamedTuple
 import torch
 
 from tinygemma.config import UserError
-from tinygemma.model import FULL, SLIDING, Gemma3
+from tinygemma.decode import Decoder, bucket, check_token_ids, row_seed, unwrap
+from tinygemma.model import Gemma3
 from tinygemma.rundir import resolve_checkpoint
 from tinygemma.sampling import SamplingConfig
 from tinygemma.tokenizer import Tokenizer
@@ -31,47 +31,6 @@ from tinygemma.tokenizer import Tokenizer
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Gemma3:
     """A checkpoint folder, or a run folder (see :func:`resolve_checkpoint`), in eval mode."""
     return Gemma3.from_pretrained(resolve_checkpoint(path), device=device, dtype=dtype).eval()
-
-
-def unwrap(model: torch.nn.Module) -> Gemma3:
-    """The plain model inside a torch.compile and/or DDP wrapper (as training holds it)."""
-    for _ in range(4):  # e.g. DDP(compile(model))
-        inner = getattr(model, "_orig_mod", getattr(model, "module", None))
-        if not isinstance(inner, torch.nn.Module):
-            break
-        model = inner
-    return model
-
-
-# -- KV cache ------------------------------------------------------------------------------------
-class KVCache:
-    """One layer's keys/values, preallocated: ``size`` slots per row, written at ``self.slots``.
-
-    A full-attention layer has one slot per position (``ring=False``). A sliding layer has
-    ``window`` slots reused in turn (``ring=True``): position c lives in slot c % window.
-    """
-
-    def __init__(self, batch: int, heads: int, size: int, head_dim: int, ring: bool, step_slot: torch.Tensor,
-                 dtype: torch.dtype):
-        self.k = torch.zeros(batch, heads, size, head_dim, dtype=dtype, device=step_slot.device)
-        self.v = torch.zeros_like(self.k)
-        self.size, self.ring = size, ring
-        self.step_slot = step_slot  # (1,) long, shared by the layers of a kind; decode steps write it in place
-        self.slots = self.step_slot  # where update() writes; the prefill points it at the prompt's slots
-        self.visible: int | None = None  # slots to attend over (None = all); a ring sets it only to prefill
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.ring and self.visible is not None:
-            # prefill into an empty ring: attend over the prompt itself, keep only its last `size` positions
-            n = min(k.shape[2], self.size)
-            self.k.index_copy_(2, self.slots[-n:], k[:, :, -n:])
-            self.v.index_copy_(2, self.slots[-n:], v[:, :, -n:])
-            return k, v
-        self.k.index_copy_(2, self.slots, k)
-        self.v.index_copy_(2, self.slots, v)
-        if self.visible is None:
-            return self.k, self.v
-        return self.k[:, :, :self.visible], self.v[:, :, :self.visible]
 
 
 # -- sampling ------------------------------------------------------------------------------------
@@ -92,25 +51,15 @@ def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p
     return probs
 
 
-def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
-    if cfg.greedy or cfg.temperature == 0:
-        return logits.argmax(-1)
-    probs = next_token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-
-
 # -- decoding ------------------------------------------------------------------------------------
+COPY_EVERY = 8  # decode steps between copies of the new tokens to the host
+
+
 def prompt_room(context_length: int, max_new_tokens: int) -> int:
     """How many prompt tokens fit in the context beside ``max_new_tokens`` new ones (the one place of this check)."""
     if max_new_tokens >= context_length:
         raise UserError(f"max_new_tokens ({max_new_tokens}) must be below the context length ({context_length})")
     return context_length - max_new_tokens
-
-
-def check_token_ids(ids: list[int], vocab_size: int) -> None:
-    """Token ids given by a user (prompts as ids) must index the vocabulary."""
-    if any(not 0 <= t < vocab_size for t in ids):
-        raise UserError(f"token ids must lie in [0, {vocab_size})")
 
 
 def _prepare_prompts(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig) -> list[list[int]]:
@@ -126,71 +75,44 @@ def _prepare_prompts(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingCo
     return rows
 
 
-# the buffers of compiled decoding, per model (weakly held)
-_KEPT_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def _decoder(model: Gemma3, rows: int, max_len: int, compile: bool) -> Decoder:
+    """A decoder for this call. A compiled one is kept on the model (one shape at a time) and reused by the next
+    call of the same shape: CUDA graphs replay over fixed addresses, so new buffers would mean re-recording."""
+    kept = getattr(model, "_tinygemma_decoder", None)
+    if kept is not None and not kept.active and (kept.rows, kept.max_len, kept.compiled) == \
+            (rows, min(bucket(max_len), model.config.context_length), compile):
+        return kept
+    decoder = Decoder(model, rows, max_len, compile=compile)
+    if compile:
+        model._tinygemma_decoder = decoder  # a cycle model <-> decoder, freed with the model
+    return decoder
 
 
-def _new_caches(model: Gemma3, batch: int, total: int, dtype: torch.dtype, device: torch.device,
-                reuse: bool) -> list[KVCache]:
-    """One cache per layer. With ``reuse`` (compiled decoding) the buffers of the previous call of the same
-    shape are kept on the model: CUDA graphs replay over fixed addresses, so new buffers would mean
-    re-recording. Stale contents need no clearing: the masks only admit slots written in this call."""
-    mc = model.config
-    key = (batch, total, dtype, str(device))
-    kept = _KEPT_CACHES.get(model)
-    if reuse and kept is not None and kept[0] == key:
-        return kept[1]
-    step_slots = {t: torch.zeros(1, dtype=torch.long, device=device) for t in (SLIDING, FULL)}
-    caches = [KVCache(batch, mc.num_kv_heads, min(mc.sliding_window, total) if t == SLIDING else total,
-                      mc.head_dim, ring=t == SLIDING, step_slot=step_slots[t], dtype=dtype) for t in mc.layer_types]
-    if reuse:
-        for buf in (*step_slots.values(), *(b for c in caches for b in (c.k, c.v))):
-            torch._dynamo.mark_static_address(buf)  # updated in place, read by the CUDA graph
-        _KEPT_CACHES[model] = (key, caches)  # one shape at a time, so memory stays bounded
-    return caches
+def _host_chunks(decoder: Decoder, steps: int) -> Iterator[list[list[int]]]:
+    """The new tokens of every slot, ``COPY_EVERY`` steps at a time, as host lists [step][slot]. Tokens are
+    gathered on the device and copied without blocking; the host reads a chunk while the next one decodes."""
+    device = decoder.state.pos.device
+    pending = None
+    for start in range(0, steps, COPY_EVERY):
+        n = min(COPY_EVERY, steps - start)
+        chunk = torch.empty(n, decoder.rows, dtype=torch.long, device=device)
+        for j in range(n):
+            chunk[j] = decoder.step()  # before the next step, which may reuse the step's output buffer
+        copy = chunk.to("cpu", non_blocking=True)
+        event = torch.cuda.Event() if device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        if pending is not None:
+            yield _read(*pending)
+        pending = (copy, event)
+    if pending is not None:
+        yield _read(*pending)
 
 
-def _left_padded(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows (each prompt ``cfg.num_samples`` times, prompt-major), left-padded with <|endoftext|> to the
-    longest: ids (B, P) and each row's padding (B,)."""
-    rows = [ids for ids in _prepare_prompts(model, prompt_ids, cfg) for _ in range(cfg.num_samples)]
-    P = max(map(len, rows))
-    pad = torch.tensor([P - len(r) for r in rows], device=device)
-    ids = torch.tensor([[model.config.eot_token_id] * (P - len(r)) + r for r in rows], device=device)
-    return ids, pad
-
-
-def _prefill(model: Gemma3, ids: torch.Tensor, pad: torch.Tensor, real: torch.Tensor,
-             caches: list[KVCache]) -> torch.Tensor:
-    """Run the left-padded prompts ``ids`` (B, P) into the caches; the last column's logits (B, vocab).
-    Causal over real tokens (+ the window on sliding layers); padding queries see only themselves, so that no
-    row of the mask is all False."""
-    P = ids.shape[1]
-    col = torch.arange(P, device=ids.device)
-    i, j = col[:, None], col[None, :]
-    causal = (j <= i)[None] & real[:, None, :P]
-    causal = causal | (i == j)[None]
-    masks = {FULL: causal[:, None], SLIDING: (causal & (i - j < model.config.sliding_window)[None])[:, None]}
-    for c in caches:
-        c.slots = col % c.size if c.ring else col
-        c.visible = P
-    positions = (col[None, :] - pad[:, None]).clamp(min=0)
-    return model(ids, positions=positions, masks=masks, cache=caches, logits_to_keep=1)[:, -1]
-
-
-def _step_masks(c_now: int, pad: torch.Tensor, real: torch.Tensor, ring_slots: torch.Tensor,
-                whole_buffer: bool) -> dict[str, torch.Tensor]:
-    """The masks of the query at column ``c_now``: the full layers' over columns <= c_now (the whole buffer when
-    compiled, so that shapes never change), the sliding layers' over the ring's slots."""
-    # ring slot s holds the latest column congruent to s (mod size) that is <= c_now
-    ring_cols = c_now - (c_now - ring_slots) % ring_slots.numel()
-    ring_mask = (ring_cols[None, :] >= pad[:, None]) & (ring_cols[None, :] >= 0)
-    col = torch.arange(real.shape[1], device=real.device)
-    full_mask = real & (col[None, :] <= c_now)
-    if not whole_buffer:
-        full_mask = full_mask[:, :c_now + 1]
-    return {FULL: full_mask[:, None, None], SLIDING: ring_mask[:, None, None]}
+def _read(copy: torch.Tensor, event: torch.cuda.Event | None) -> list[list[int]]:
+    if event is not None:
+        event.synchronize()
+    return copy.tolist()
 
 
 @torch.inference_mode()
@@ -200,60 +122,27 @@ def stream(model: Gemma3, prompt_ids: list[list[int]], cfg: SamplingConfig | Non
 
     Rows are the prompts, each repeated ``cfg.num_samples`` times (prompt-major order). A row
     finishes after ``<|endoftext|>`` (yielded once, then None) or after ``max_new_tokens`` tokens.
-    ``compile=True`` compiles the one-token decode step (static shapes; CUDA graphs on a GPU).
+    Row j of a prompt samples with seed ``row_seed(cfg.seed, j)``, so its tokens do not depend on the other
+    prompts. ``compile=True`` runs each step as one compiled graph (CUDA graphs on a GPU); see :mod:`decode`.
     """
     cfg = cfg or SamplingConfig()
     model = unwrap(model)
-    mc = model.config
-    device = model.lm_head.weight.device
-    dtype = model.lm_head.weight.dtype
-    ids, pad = _left_padded(model, prompt_ids, cfg, device)
-    (B, P), total = ids.shape, ids.shape[1] + cfg.max_new_tokens  # columns: padding + prompt, then new tokens
-    gen = torch.Generator(device=device)
-    if cfg.seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(cfg.seed)
-
-    W = mc.sliding_window
-    caches = _new_caches(model, B, total, dtype, device, reuse=compile)
-    col = torch.arange(total, device=device)
-    real = col[None, :] >= pad[:, None]  # (B, total): column holds a real token of that row
-    logits = _prefill(model, ids, pad, real, caches)
-
-    step = model
-    for c in caches:
-        c.slots = c.step_slot
-        if c.ring or compile:
-            c.visible = None  # compiled: attend over the whole buffer, masked, so that shapes never change
-    if compile:
-        # Static shapes, and CUDA graphs on a GPU; on a CPU, inductor fuses the ~30 small ops per layer
-        # (~1.2x at batch 1 after a compile of 20-30 s). Dynamo's cache serves later calls of the same shapes.
-        step = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
-
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    ring_slots = torch.arange(min(W, total), device=device)
-    step_slots = {c.ring: c.step_slot for c in caches}  # one per layer kind, shared by its layers
-    eot = mc.eot_token_id
-    for t in range(cfg.max_new_tokens):
-        tok = torch.where(done, eot, _pick(logits, cfg, gen))
-        out, finished = torch.stack((tok, done.long())).tolist()  # one device->host copy per step
-        yield [None if f else x for x, f in zip(out, finished, strict=True)]
-        done |= tok == eot
-        if t == cfg.max_new_tokens - 1 or all(f or x == eot for x, f in zip(out, finished, strict=True)):
-            return
-        c_now = P + t  # column of the token being fed
-        for ring, slot in step_slots.items():
-            slot.fill_(c_now % ring_slots.numel() if ring else c_now)
-        if not compile:
-            for c in caches:
-                if not c.ring:
-                    c.visible = c_now + 1
-        masks = _step_masks(c_now, pad, real, ring_slots, whole_buffer=compile)
-        positions = (c_now - pad)[:, None]
-        if compile and device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-        logits = step(tok[:, None], positions=positions, masks=masks, cache=caches)[:, -1]
+    prompts = _prepare_prompts(model, prompt_ids, cfg)
+    rows = [(ids, j) for ids in prompts for j in range(cfg.num_samples)]
+    decoder = _decoder(model, len(rows), max(map(len, prompts)) + cfg.max_new_tokens, compile)
+    eot, finished = model.config.eot_token_id, [False] * len(rows)
+    try:
+        slots = [decoder.add(ids, cfg, row_seed(cfg.seed, j)) for ids, j in rows]
+        for chunk in _host_chunks(decoder, cfg.max_new_tokens):
+            for step in chunk:
+                out = [None if f else step[s] for s, f in zip(slots, finished, strict=True)]
+                finished = [f or t == eot for f, t in zip(finished, out, strict=True)]
+                yield out
+                if all(finished):
+                    return
+    finally:
+        for slot in decoder.active:
+            decoder.remove(slot)
 
 
 class Completions(NamedTuple):

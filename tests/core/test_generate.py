@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from tinygemma import generate as gen
+from tinygemma import decode
 from tinygemma.cli import main
 from tinygemma.config import UserError
 from tinygemma.device import inference_dtype
@@ -87,14 +87,15 @@ def test_batched_unequal_prompts_equal_one_by_one(model):
 def test_sliding_layers_keep_only_the_window(model, monkeypatch):
     sizes = []
 
-    class Spy(gen.KVCache):
+    class Spy(decode.SlotCache):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             sizes.append((self.ring, tuple(self.k.shape)))
 
-    monkeypatch.setattr(gen, "KVCache", Spy)
+    monkeypatch.setattr(decode, "SlotCache", Spy)
     generate_ids(model, prompts_of([100]), SamplingConfig(max_new_tokens=50, greedy=True))
-    assert sizes == [(True, (1, 1, 16, 16)), (True, (1, 1, 16, 16)), (False, (1, 1, 150, 16))]
+    # 150 positions: the full layer's cache is the bucket of 256
+    assert sizes == [(True, (1, 1, 16, 16)), (True, (1, 1, 16, 16)), (False, (1, 1, 256, 16))]
 
 
 def test_eot_stops_a_row_and_others_continue(model):
@@ -143,19 +144,32 @@ def test_probs_against_known_distribution():
     torch.testing.assert_close(next_token_probs(logits, 2.0, 3, 0.6), torch.cat([top2, torch.zeros(1, 3)], 1))
 
 
+def rows_sampling(cfg, n):
+    """A decoder state of ``n`` rows sampling with ``cfg``, seeds 0..n-1, all at position 0 (no caches)."""
+    full = lambda value, dtype=torch.long: torch.full((n,), value, dtype=dtype)
+    return decode.DecodeState(tok=full(0), pos=full(0), active=full(True, torch.bool),
+                              temperature=full(0.0 if cfg.greedy else cfg.temperature, torch.float32),
+                              top_k=full(cfg.top_k), top_p=full(cfg.top_p, torch.float32),
+                              seed_lo=torch.arange(n), seed_hi=full(0), caches=[])
+
+
 def test_sampling_frequencies_match_the_distribution():
     p = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
     n = 40_000
     logits = p.log().expand(n, -1)
-    g = torch.Generator().manual_seed(0)
     cases = [(SamplingConfig(temperature=1.0, top_k=0, top_p=1.0), p),
              (SamplingConfig(temperature=2.0, top_k=0, top_p=1.0), p.sqrt() / p.sqrt().sum()),
              (SamplingConfig(temperature=1.0, top_k=3, top_p=1.0), torch.tensor([4, 2, 1, 0, 0]) / 7),
              (SamplingConfig(temperature=1.0, top_k=0, top_p=0.7), torch.tensor([2, 1, 0, 0, 0]) / 3)]
+    # the whole vocabulary (a row with top_k 0), and the top CANDIDATES of a larger one (tokens >= 5 never drawn)
+    wide = torch.cat([logits, torch.full((n, 300), float("-inf"))], 1)
     for cfg, expected in cases:
-        freq = torch.bincount(gen._pick(logits, cfg, g), minlength=5) / n
-        sigma = (expected * (1 - expected) / n).sqrt()
-        assert ((freq - expected).abs() <= 5 * sigma + 1e-9).all(), (cfg, freq, expected)
+        for rows, variant in ((logits, 5), (wide, decode.CANDIDATES)):
+            if variant == decode.CANDIDATES and not 0 < cfg.top_k <= variant:
+                continue
+            freq = torch.bincount(decode.pick_tokens(rows, rows_sampling(cfg, n), variant), minlength=5) / n
+            sigma = (expected * (1 - expected) / n).sqrt()
+            assert ((freq - expected).abs() <= 5 * sigma + 1e-9).all(), (cfg, variant, freq, expected)
 
 
 def test_seed_reproduces_and_topk1_is_greedy(model):
