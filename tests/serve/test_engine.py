@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from tinygemma.config import UserError
+from tinygemma.decode import row_seed
 from tinygemma.sampling import SamplingConfig
-from tinygemma.serve.engine import Engine, Job, row_seed
+from tinygemma.serve.engine import Engine, Job
 
 WORDS = [" cat", " dog", " sun", " big", " red", " ran", " sat", " hat", " box", " fox", ".", " and"]
 
@@ -93,7 +94,7 @@ def direct_ids(tokenizer, dec: FakeDecoder, j: Job) -> list[list[int]]:
     for r in range(j.rows()):
         ids = []
         for t in range(j.sampling.max_new_tokens):
-            tok = dec.token(j.row_prompt(r), j.sampling, row_seed(j.sampling.seed, r), t, dec.eot, dec.words)
+            tok = dec.token(j.row_prompt(r), j.sampling, j.row_seed(r), t, dec.eot, dec.words)
             if tok == tokenizer.eot_id:
                 break
             ids.append(tok)
@@ -213,7 +214,7 @@ def test_seeded_rows_reproducible_and_seedless_rows_differ(make_engine, tokenize
     j = job([50256, 30], 8, temperature=0.8, seed=123, n=2)
     first = engine.submit(j, None, threading.Event()).result(10).texts
     assert engine.submit(j, None, threading.Event()).result(10).texts == first
-    assert len(set(first)) == 2 and dec.seeds == [123, 124, 123, 124]
+    assert len(set(first)) == 2 and dec.seeds[:2] == [row_seed(123, 0), row_seed(123, 1)] == dec.seeds[2:]
     engine.submit(job([50256, 30], 8, temperature=0.8, n=2), None, threading.Event()).result(10)
     assert dec.seeds[-2:] == [None, None]  # the decoder draws fresh seeds
 

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from tinygemma.config import MAX_SEED
+from tinygemma.decode import Decoder, row_seed
 from tinygemma.generate import TextStream
 from tinygemma.model import Gemma3
 from tinygemma.sampling import SamplingConfig
@@ -85,6 +85,10 @@ class Job:
     def row_prompt(self, row: int) -> list[int]:
         return self.prompt_ids[row // self.sampling.num_samples]  # prompt-major, as generate_rows orders rows
 
+    def row_seed(self, row: int) -> int | None:
+        """The row's own seed, the one generate_rows gives it: its texts match `tinygemma generate`'s."""
+        return row_seed(self.sampling.seed, row % self.sampling.num_samples)
+
 
 @dataclass
 class Result:
@@ -98,13 +102,8 @@ class Result:
 Emit = Callable[[list[tuple[int, str, str | None]]], None]
 
 
-def row_seed(seed: int | None, row: int) -> int | None:
-    """The seed of one row of a request: distinct per row, so that the ``n`` samples of a prompt differ."""
-    return None if seed is None else (seed + row) % MAX_SEED
-
-
 class DecoderLike(Protocol):
-    """What the engine needs of :class:`tinygemma.decode.Decoder` (tests stand in a fake)."""
+    """What the engine needs of :class:`Decoder` (tests stand in a fake)."""
 
     def add(self, prompt_ids: list[int], cfg: SamplingConfig, seed: int | None = None) -> int: ...
     def step(self) -> torch.Tensor: ...
@@ -149,10 +148,8 @@ class Engine:
     """Continuous batching over one decoder of ``rows`` slots; at most ``queue`` requests wait for a slot."""
 
     def __init__(self, model: Gemma3, tokenizer: Tokenizer, rows: int, queue: int, max_len: int, *,
-                 decoder: Callable[[Gemma3, int, int], DecoderLike] | None = None):
-        if decoder is None:
-            from tinygemma.decode import Decoder as decoder
-        self.tokenizer, self.batch_rows, self.queue, self.max_len = tokenizer, rows, queue, max_len
+                 decoder: Callable[[Gemma3, int, int], DecoderLike] = Decoder):
+        self.model, self.tokenizer, self.batch_rows, self.queue = model, tokenizer, rows, queue
         self._decoder = decoder(model, rows, max_len)
         self._cond = threading.Condition()
         # under the lock: the admitted requests, the FIFO of those with rows still unplaced, promised rows
@@ -290,8 +287,7 @@ class Engine:
             t, i = ready[0]
             if not t.gone():
                 try:
-                    slot = self._decoder.add(t.job.row_prompt(i), t.job.sampling,
-                                             seed=row_seed(t.job.sampling.seed, i))
+                    slot = self._decoder.add(t.job.row_prompt(i), t.job.sampling, seed=t.job.row_seed(i))
                     self._slots[slot] = _Live(t, i)
                     ready.popleft()
                     continue
