@@ -238,3 +238,16 @@ def test_cancel_all_and_shutdown(make_engine, tokenizer):
     assert engine.shutdown()
     assert [f.result(1).cancelled for f in futures] == [True, True] and dec.slots == {}
     assert engine.submit(job([50256, 1], 2), None, threading.Event()) is None
+
+
+def test_an_error_in_the_loop_fails_the_requests_not_the_engine(make_engine, tokenizer):
+    engine, dec = make_engine(rows=2, queue=2)
+
+    def broken(changes):
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError, match="bug"):
+        engine.submit(job([50256, 8], 5, temperature=0), broken, threading.Event()).result(10)
+    j = job([50256, 9], 5, temperature=0)
+    assert engine.submit(j, None, threading.Event()).result(10).texts == direct(tokenizer, dec, j)
+    assert engine.stats["errors"] == 1 and engine.stats["completed"] == 1 and dec.slots == {}

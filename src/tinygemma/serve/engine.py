@@ -249,14 +249,14 @@ class Engine:
                     self._place(ready)
                     if self._slots:
                         self._step()
-                except Exception as e:  # a bug here must not leave requests hanging: fail what is running
+                except Exception as e:  # a bug here must not leave requests hanging: fail them all
                     log.exception("the decode loop failed")
                     with self._cond:
                         for t in self._tickets:
                             t.failed = t.failed or e
                         for t, _ in ready:
                             self._release(t)
-                    self._drop_gone()
+                    # the next round frees their slots (each try takes one out of the batch, even if it fails)
 
     def _any_gone(self) -> bool:
         return any(t.gone() for t in self._tickets)
