@@ -310,6 +310,19 @@ def test_concurrent_requests_batch_and_give_their_texts_alone(model, tokenizer):
     assert steps_together < tokens / 2, f"{steps_together} forward passes for {tokens} tokens: not batched"
 
 
+def test_max_context_bounds_requests(model, tokenizer):
+    """--max-context shortens what a request may span (each batch row's cache) below the model's context."""
+    app = create_app(model, ServeConfig(max_context=64), tokenizer=tokenizer)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        info = client.get("/api/info").json()
+        assert info["context_length"] == 512 and info["max_context"] == 64 and info["max_tokens"] == 63
+        r = client.post("/v1/completions", json={"prompt": "x " * 40, "max_tokens": 30})
+        assert r.status_code == 422 and "does not fit the server's --max-context of 64 tokens" in r.text
+        r = client.post("/v1/completions", json={"prompt": "The dog", "max_tokens": 40, "temperature": 0})
+        want = reference(model, tokenizer, ["The dog"], max_new_tokens=40, greedy=True)
+        assert r.status_code == 200 and [c["text"] for c in r.json()["choices"]] == want
+
+
 # -- run folder, page, CLI ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, model):

@@ -112,7 +112,8 @@ class Studio:
 
     def info(self) -> dict:
         cfg = self.cfg
-        return {"model": self.model_id, "params": self.model.num_params(), "context_length": self.context,
+        return {"model": self.model_id, "params": self.model.num_params(),
+                "context_length": self.model.config.context_length, "max_context": self.context,
                 "max_tokens": cfg.max_tokens_cap(self.context), "max_prompt_chars": cfg.max_prompt_chars,
                 "batch_rows": cfg.batch_rows, "queue": cfg.queue, "examples": EXAMPLE_PROMPTS,
                 "run": self.run.name if self.run else None}
