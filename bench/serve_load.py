@@ -1,21 +1,24 @@
-"""Load test for ``tinygemma serve``: many concurrent streaming clients on loopback for a bounded time.
+"""Load test for ``tinygemma serve``: concurrent streaming clients on loopback, at several client counts.
 
-Starts ``tinygemma serve`` in a subprocess on 127.0.0.1 (never anything else), then
-  1. baseline: one client, back to back, for --baseline-s seconds;
-  2. load: --clients clients at once for --duration-s seconds; a client refused with 429 waits
-     (Retry-After, jittered) and tries again.
-Every request must be answered (200, full SSE stream ending in [DONE]) or refused with 429; none may
-exceed --request-timeout-s (hung), and /health must be ok and idle afterwards. Reports p50/p95 latency,
-time to first token (TTFT) and tokens/s, with ratios to the baseline and to in-process generation.
+Starts ``tinygemma serve`` in a subprocess on 127.0.0.1 (never anything else), then for each count in
+--clients (default 1, 8, 16, 50) runs that many clients at once for --duration-s seconds; a client refused
+with 429 waits (Retry-After, jittered) and tries again. Every request must be answered (200, full SSE stream
+ending in [DONE]) or refused with 429; none may exceed --request-timeout-s (hung), and /health must be ok and
+idle afterwards. Each prompt is always sent with the same seed, so every answer to it must be the same text
+whatever else was in the batch ("texts differ" counts the ones that are not). Reports aggregate tokens/s (and
+its ratio to one client's), p50/p95 time to first token (TTFT) and latency, refused and hung per count, the
+machine and its load, and in-process generation for comparison; ``--json FILE`` writes it all.
 
     python bench/serve_load.py                 # tiny preset, random weights
-    python bench/serve_load.py --checkpoint runs/tiny/best --clients 50 --duration-s 30
+    python bench/serve_load.py --checkpoint runs/demo --clients 1,8,16,50 --duration-s 20 --json serve.json
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import platform
 import random
 import socket
 import subprocess
@@ -44,10 +47,12 @@ class Outcome:
     latency: float = 0.0
     ttft: float | None = None
     tokens: int = 0
+    prompt: int = -1  # which of EXAMPLE_PROMPTS
+    text: str = ""
 
 
 async def _request(client: httpx.AsyncClient, body: dict, t0: float) -> Outcome:
-    ttft, tokens, done = None, 0, False
+    ttft, tokens, done, pieces = None, 0, False, []
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             await r.aread()
@@ -64,19 +69,23 @@ async def _request(client: httpx.AsyncClient, body: dict, t0: float) -> Outcome:
                 return Outcome("stream error", time.perf_counter() - t0)
             if msg.get("usage"):
                 tokens = msg["usage"]["completion_tokens"]
-            elif ttft is None and any(c["text"] for c in msg["choices"]):
-                ttft = time.perf_counter() - t0
-    return Outcome(200 if done else "no [DONE]", time.perf_counter() - t0, ttft, tokens)
+            elif msg["choices"]:
+                pieces.append(msg["choices"][0]["text"])
+                if ttft is None and pieces[-1]:
+                    ttft = time.perf_counter() - t0
+    return Outcome(200 if done else "no [DONE]", time.perf_counter() - t0, ttft, tokens, text="".join(pieces))
 
 
 async def one_request(client: httpx.AsyncClient, body: dict, timeout: float) -> Outcome:
     t0 = time.perf_counter()
     try:
-        return await asyncio.wait_for(_request(client, body, t0), timeout)
+        out = await asyncio.wait_for(_request(client, body, t0), timeout)
     except asyncio.TimeoutError:
-        return Outcome("hung", time.perf_counter() - t0)
+        out = Outcome("hung", time.perf_counter() - t0)
     except httpx.HTTPError as e:
-        return Outcome(type(e).__name__, time.perf_counter() - t0)
+        out = Outcome(type(e).__name__, time.perf_counter() - t0)
+    out.prompt = EXAMPLE_PROMPTS.index(body["prompt"])
+    return out
 
 
 async def client_loop(url: str, clients: int, duration: float, body_for, timeout: float) -> tuple[list, float]:
@@ -107,9 +116,14 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
-def summarise(name: str, outcomes: list[Outcome], wall: float) -> dict:
+def summarise(clients: int, outcomes: list[Outcome], wall: float, texts: dict[int, str]) -> dict:
+    """The figures of one client count; ``texts`` holds each prompt's first answer (filled here), which every
+    later answer to the same prompt (same seed) must repeat."""
     ok = [o for o in outcomes if o.status == 200]
-    s = {"name": name, "requests": len(outcomes), "answered": len(ok),
+    for o in ok:
+        texts.setdefault(o.prompt, o.text)
+    s = {"clients": clients, "requests": len(outcomes), "answered": len(ok),
+         "texts_differ": sum(o.text != texts[o.prompt] for o in ok),
          "refused_429": sum(o.status == 429 for o in outcomes), "hung": sum(o.status == "hung" for o in outcomes),
          "other": sorted({str(o.status) for o in outcomes} - {"200", "429"}),
          "latency_p50": pct([o.latency for o in ok], 50), "latency_p95": pct([o.latency for o in ok], 95),
@@ -123,12 +137,37 @@ def summarise(name: str, outcomes: list[Outcome], wall: float) -> dict:
 
 
 def print_summary(s: dict) -> None:
-    print(f"\n[{s['name']}] {s['requests']} requests in {s['wall_s']:.1f} s: {s['answered']} answered, "
-          f"{s['refused_429']} refused (429), {s['hung']} hung, other: {s['other'] or 'none'}")
+    print(f"\n[{s['clients']} clients] {s['requests']} requests in {s['wall_s']:.1f} s: {s['answered']} answered, "
+          f"{s['refused_429']} refused (429), {s['hung']} hung, {s['texts_differ']} texts differ, "
+          f"other: {s['other'] or 'none'}", flush=True)
     print(f"  latency p50 {s['latency_p50'] * 1000:.0f} ms, p95 {s['latency_p95'] * 1000:.0f} ms; "
           f"TTFT p50 {s['ttft_p50'] * 1000:.0f} ms, p95 {s['ttft_p95'] * 1000:.0f} ms")
     print(f"  {s['tokens']} tokens: {s['tokens_per_s']:.1f} tokens/s aggregate, "
-          f"{s['per_request_tokens_per_s_p50']:.1f} tokens/s per request (p50, after the first token)")
+          f"{s['per_request_tokens_per_s_p50']:.1f} tokens/s per request (p50, after the first token)", flush=True)
+
+
+def print_table(levels: list[dict]) -> None:
+    one = next((s["tokens_per_s"] for s in levels if s["clients"] == 1), None)
+    print("\n| clients | requests | answered | refused (429) | hung | texts differ | tokens/s | × 1 client "
+          "| TTFT p50 / p95 ms | latency p50 / p95 ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in levels:
+        ratio = f"{s['tokens_per_s'] / one:.2f}" if one else "–"
+        print(f"| {s['clients']} | {s['requests']} | {s['answered']} | {s['refused_429']} | {s['hung']} "
+              f"| {s['texts_differ']} | {s['tokens_per_s']:.1f} | {ratio} "
+              f"| {s['ttft_p50'] * 1000:.0f} / {s['ttft_p95'] * 1000:.0f} "
+              f"| {s['latency_p50'] * 1000:.0f} / {s['latency_p95'] * 1000:.0f} |")
+
+
+def machine() -> str:
+    """The CPU's name and cores, and torch's version."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def direct_tokens_per_s(checkpoint: Path, max_tokens: int, seconds: float = 5.0) -> float:
@@ -175,18 +214,30 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> dict:
     raise SystemExit("the server did not answer /health")
 
 
+def client_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of client counts, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"client counts must be positive, got {text!r}")
+    return counts
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="checkpoint or run folder (default: tiny preset, random weights)")
-    p.add_argument("--clients", type=int, default=50)
-    p.add_argument("--duration-s", type=float, default=20.0)
-    p.add_argument("--baseline-s", type=float, default=8.0)
+    p.add_argument("--clients", type=client_counts, default=[1, 8, 16, 50], help="client counts, e.g. 1,8,16,50")
+    p.add_argument("--duration-s", type=float, default=20.0, help="seconds of load per client count")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--max-concurrent", type=int, default=4, help="the server's --max-concurrent")
+    p.add_argument("--batch-rows", type=int, default=16, help="the server's --batch-rows")
+    p.add_argument("--queue", type=int, default=64, help="the server's --queue")
     p.add_argument("--request-timeout-s", type=float, default=60.0, help="a request slower than this is 'hung'")
     p.add_argument("--threads", type=int, default=2, help="torch threads in the server")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.checkpoint) if args.checkpoint else None
         if ckpt is None:
@@ -197,22 +248,23 @@ def main() -> int:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         log = open(Path(tmp) / "server.log", "w")
         proc = subprocess.Popen([sys.executable, "-m", "tinygemma", "serve", str(ckpt), "--host", HOST, "--port",
-                                 str(port), "--max-concurrent", str(args.max_concurrent), "--device", "cpu"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+                                 str(port), "--batch-rows", str(args.batch_rows), "--queue", str(args.queue),
+                                 "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             wait_healthy(url, proc)
+            # each prompt always with the same seed: its text must not depend on what else is in the batch
             body = lambda i, k: {"prompt": EXAMPLE_PROMPTS[(i + k) % 5], "max_tokens": args.max_tokens,
-                                 "temperature": 0.8, "top_k": 50, "stream": True,
+                                 "temperature": 0.8, "top_k": 50, "seed": (i + k) % 5, "stream": True,
                                  "stream_options": {"include_usage": True}}
             httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 8}, timeout=60)  # warm-up
-            print(f"server: {ckpt} on {url}, --max-concurrent {args.max_concurrent}; "
+            print(f"server: {ckpt} on {url}, --batch-rows {args.batch_rows} --queue {args.queue}; "
                   f"requests of {args.max_tokens} tokens, streamed")
-            base = summarise("baseline: 1 client", *asyncio.run(
-                client_loop(url, 1, args.baseline_s, body, args.request_timeout_s)))
-            print_summary(base)
-            load = summarise(f"load: {args.clients} clients", *asyncio.run(
-                client_loop(url, args.clients, args.duration_s, body, args.request_timeout_s)))
-            print_summary(load)
+            print(f"machine: {machine()}; load average before: {load_before[0]:.2f}", flush=True)
+            levels, texts = [], {}
+            for n in args.clients:
+                outcomes, wall = asyncio.run(client_loop(url, n, args.duration_s, body, args.request_timeout_s))
+                levels.append(summarise(n, outcomes, wall, texts))
+                print_summary(levels[-1])
             time.sleep(0.5)
             health = wait_healthy(url, proc, timeout=10)
             idle = health["status"] == "ok" and health["active"] == 0
@@ -225,19 +277,24 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
             log.close()
+        load_after = os.getloadavg()
         torch.set_num_threads(args.threads)
         direct = direct_tokens_per_s(ckpt, args.max_tokens)
 
-    print(f"\nin-process generation (no server, one request at a time, in a thread): {direct:.1f} tokens/s")
-    print("ratios:")
-    ratio = load["tokens_per_s"] / base["tokens_per_s"]
-    print(f"  aggregate tokens/s, {args.clients} clients / 1 client:   {ratio:.2f}")
-    print(f"  1-client tokens/s through HTTP / in-process:  {base['tokens_per_s'] / direct:.2f}")
-    print(f"  latency p50 under load / baseline:            {load['latency_p50'] / base['latency_p50']:.2f}")
-    print(f"  TTFT p50 under load / baseline:               {load['ttft_p50'] / base['ttft_p50']:.2f}")
-    bad = load["hung"] + base["hung"] + len(load["other"]) + len(base["other"])
-    ok = bad == 0 and idle and load["answered"] > 0
-    print("\nOK: every request answered or refused with 429, none hung, server healthy" if ok else "\nFAILED")
+    print_table(levels)
+    print(f"\nmachine: {machine()}; load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    print(f"in-process generation (no server, one request at a time, in a thread): {direct:.1f} tokens/s")
+    bad = sum(s["hung"] + len(s["other"]) + s["texts_differ"] for s in levels)
+    ok = bad == 0 and idle and all(s["answered"] > 0 for s in levels)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "machine": machine(), "load_before": load_before, "load_after": load_after,
+            "server": {"checkpoint": str(args.checkpoint or "tiny preset, random weights"),
+                       "batch_rows": args.batch_rows, "queue": args.queue, "threads": args.threads},
+            "max_tokens": args.max_tokens, "duration_s": args.duration_s, "levels": levels,
+            "in_process_tokens_per_s": direct, "server_after": health, "ok": ok}, indent=2) + "\n")
+    print("\nOK: every request answered or refused with 429, none hung, same texts, server healthy" if ok
+          else "\nFAILED")
     return 0 if ok else 1
 
 

@@ -64,7 +64,8 @@ def test_models_and_health(server):
     models = server.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-test"]
     health = server.get("/health").json()
-    assert health["status"] == "ok" and health["model"] == "tiny-test" and health["max_concurrent"] == 4
+    assert health["status"] == "ok" and health["model"] == "tiny-test"
+    assert health["batch_rows"] == 16 and health["queue"] == 64 and health["active"] == health["queued"] == 0
 
 
 def test_completion_matches_generation_api(server, model, tokenizer):
@@ -224,21 +225,33 @@ def test_errors_do_not_leak(tokenizer):
 
 
 # -- concurrency -----------------------------------------------------------------------------------
-def test_429_when_saturated_and_disconnect_stops_generation(tokenizer):
-    app = create_app(tiny_model(delay=0.01), ServeConfig(max_concurrent=1), tokenizer=tokenizer)
+def test_queue_bound_429_and_disconnect_frees_the_row(model, tokenizer):
+    app = create_app(tiny_model(delay=0.01), ServeConfig(batch_rows=1, queue=1), tokenizer=tokenizer)
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        queued = []
+        waiter = threading.Thread(target=lambda: queued.append(client.post(
+            "/v1/completions", json={"prompt": "The dog", "max_tokens": 8, "temperature": 0})))
         with client.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 400, "stream": True}) as r:
             lines = r.iter_lines()
-            assert next(lines).startswith("data: ")  # the generation is running
+            assert next(lines).startswith("data: ")  # the generation is running in the one row
+            waiter.start()
+            deadline = time.monotonic() + 5
+            while client.get("/health").json()["queued"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
             busy = client.post("/v1/completions", json={"prompt": "y", "max_tokens": 2})
             assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
-            assert "busy" in busy.json()["error"]["message"] and "--max-concurrent 1" in busy.json()["error"]["message"]
+            message = busy.json()["error"]["message"]
+            assert "busy" in message and "--batch-rows 1, --queue 1" in message and "1 requests queued" in message
             assert busy.json()["error"]["type"] == "rate_limit_error"
-        # leaving the `with` closed the connection mid-story: the generation stops within a few tokens
+            assert not queued, "the queued request waits while the row is taken"
+        # leaving the `with` closed the connection mid-story: its row is freed and the queued request gets it
+        waiter.join(30)
+        assert queued[0].status_code == 200
+        assert queued[0].json()["choices"][0]["text"] == reference(model, tokenizer, ["The dog"], max_new_tokens=8,
+                                                                   greedy=True)[0]
         health = wait_idle(client)
         assert health["active"] == 0 and health["stats"]["cancelled"] == 1 and health["stats"]["refused"] == 1
-        assert health["stats"]["completion_tokens"] < 100
-        # the slot is free again
+        assert health["stats"]["completed"] == 1 and health["stats"]["completion_tokens"] < 100
         assert client.post("/v1/completions", json={"prompt": "y", "max_tokens": 2}).status_code == 200
 
         # a non-streaming client that goes away stops its generation too
@@ -256,24 +269,58 @@ def test_429_when_saturated_and_disconnect_stops_generation(tokenizer):
         assert health["stats"]["completion_tokens"] < 200
 
 
-def test_concurrent_requests_interleave(tokenizer):
-    app = create_app(tiny_model(delay=0.005), ServeConfig(max_concurrent=3), tokenizer=tokenizer)
-    with serve_in_thread(app) as url:
-        results = []
+def test_concurrent_requests_batch_and_give_their_texts_alone(model, tokenizer):
+    """Requests running at once share decoding steps, and each gets exactly what it gets alone: greedy ones the
+    generation API's text, sampled ones (seeded) the text of the same request sent by itself."""
+    served = tiny_model(delay=0.01)
+    batch_sizes = []
+    served.lm_head.register_forward_hook(lambda module, args, out: batch_sizes.append(out.shape[0]))
+    greedy = [("Once upon a time", 20, True), ("The dog", 7, False), ("A little girl went to the woods", 15, True),
+              ("Tom", 11, False)]
+    sampled = {"prompt": "Lily saw a bird", "max_tokens": 12, "temperature": 0.9, "top_k": 40, "seed": 5, "n": 2}
+    app = create_app(served, ServeConfig(batch_rows=8), tokenizer=tokenizer)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        results: dict[int, list[str]] = {}
 
-        def ask(seed):
-            results.append(httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 20, "seed": seed},
-                                      timeout=30))
+        def ask(i: int, body: dict) -> None:
+            if not body.get("stream"):
+                results[i] = [c["text"] for c in client.post("/v1/completions", json=body).json()["choices"]]
+                return
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                texts = [""] * body.get("n", 1)
+                for ev in sse_events(r)[:-1]:
+                    texts[ev["choices"][0]["index"]] += ev["choices"][0]["text"]
+                results[i] = texts
 
-        threads = [threading.Thread(target=ask, args=(s,)) for s in range(3)]
-        t0 = time.monotonic()
+        bodies = [{"prompt": p, "max_tokens": m, "temperature": 0, "stream": st} for p, m, st in greedy] + [sampled]
+        threads = [threading.Thread(target=ask, args=(i, b)) for i, b in enumerate(bodies)]
         for t in threads:
             t.start()
+            time.sleep(0.02)  # later requests join the running batch
         for t in threads:
-            t.join()
-        assert [r.status_code for r in results] == [200] * 3
-        assert time.monotonic() - t0 < 10
-        assert httpx.get(f"{url}/health").json()["stats"]["completed"] == 3
+            t.join(60)
+        steps_together = len(batch_sizes)
+        for i, (prompt, max_tokens, _) in enumerate(greedy):
+            assert results[i] == reference(model, tokenizer, [prompt], max_new_tokens=max_tokens, greedy=True)
+        alone = [c["text"] for c in client.post("/v1/completions", json=sampled).json()["choices"]]
+        assert results[len(greedy)] == alone and alone[0] != alone[1]
+        stats = wait_idle(client)["stats"]
+    assert stats["completed"] == len(bodies) + 1 and stats["refused"] == 0
+    tokens = sum(m for _, m, _ in greedy) + 2 * sampled["max_tokens"]
+    assert steps_together < tokens / 2, f"{steps_together} forward passes for {tokens} tokens: not batched"
+
+
+def test_max_context_bounds_requests(model, tokenizer):
+    """--max-context shortens what a request may span (each batch row's cache) below the model's context."""
+    app = create_app(model, ServeConfig(max_context=64), tokenizer=tokenizer)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        info = client.get("/api/info").json()
+        assert info["context_length"] == 512 and info["max_context"] == 64 and info["max_tokens"] == 63
+        r = client.post("/v1/completions", json={"prompt": "x " * 40, "max_tokens": 30})
+        assert r.status_code == 422 and "does not fit the server's --max-context of 64 tokens" in r.text
+        r = client.post("/v1/completions", json={"prompt": "The dog", "max_tokens": 40, "temperature": 0})
+        want = reference(model, tokenizer, ["The dog"], max_new_tokens=40, greedy=True)
+        assert r.status_code == 200 and [c["text"] for c in r.json()["choices"]] == want
 
 
 # -- run folder, page, CLI ---------------------------------------------------------------------------
@@ -360,8 +407,13 @@ def test_resolve_checkpoint(tmp_path, model):
 def test_cli_errors_and_loopback(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "no such checkpoint or run folder" in capsys.readouterr().err
-    assert main(["serve", str(tmp_path), "--max-concurrent", "0"]) == 2
-    assert "max_concurrent must be positive" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--batch-rows", "0"]) == 2
+    assert "batch_rows must be positive" in capsys.readouterr().err
+    for flag in ("--queue", "--max-concurrent"):  # the old name of --queue still works
+        assert main(["serve", str(tmp_path), flag, "-1"]) == 2
+        assert "queue must be >= 0, got -1" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--max-context", "1"]) == 2
+    assert "max_context must hold a prompt token and a new one" in capsys.readouterr().err
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
     assert ServeConfig().host == "127.0.0.1"

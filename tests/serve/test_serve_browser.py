@@ -93,8 +93,8 @@ def test_story_streams_in_the_browser(browser, run_dir, tokenizer, tmp_path):
         browser.find_element(By.CSS_SELECTOR, "#instructions summary").click()
         words.send_keys("frog, jump")
         browser.find_element(By.CSS_SELECTOR, "#features input[value=Dialogue]").click()
-        jobs, run = [], app.state.engine.run
-        app.state.engine.run = lambda job, *a: (jobs.append(job), run(job, *a))[1]
+        jobs, submit = [], app.state.engine.submit
+        app.state.engine.submit = lambda job, *a: (jobs.append(job), submit(job, *a))[1]
         browser.find_element(By.ID, "max_tokens").clear()
         browser.find_element(By.ID, "max_tokens").send_keys("3")
         browser.find_element(By.ID, "tell").click()
@@ -102,7 +102,7 @@ def test_story_streams_in_the_browser(browser, run_dir, tokenizer, tmp_path):
         want = [tokenizer.eot_id] + tokenizer.encode(build_prompt(words=["frog", "jump"], features=["Dialogue"])
                                                      + EXAMPLE_PROMPTS[0])
         assert jobs[0].prompt_ids == [want]
-        app.state.engine.run = run
+        app.state.engine.submit = submit
 
         # the training page draws the curves from metrics.jsonl and shows the report
         browser.find_element(By.ID, "tab-training").click()

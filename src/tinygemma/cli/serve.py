@@ -40,6 +40,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "OpenAI-style completions API.")
     add_checkpoint_arg(p, metavar="CKPT_OR_RUN")
     add_dataclass_args(p, ServeConfig)
+    # the old limit ("generations at a time") is now the queue beside the batch: more requests fit, never fewer
+    p.add_argument("--max-concurrent", dest="queue", type=int, default=None, help="old name of --queue")
     add_device_arg(p)
     add_dtype_arg(p)
     p.set_defaults(func=_serve)

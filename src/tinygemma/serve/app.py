@@ -7,9 +7,10 @@ from ``metrics.jsonl`` and shows the newest samples report.
 API: ``POST /v1/completions`` (the OpenAI completions fields that apply, streaming as server-sent
 events ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``.
 
-Generations run in worker threads, never on the event loop. At most ``max_concurrent`` run at a
-time; they take turns one decoding step at a time, and a request beyond that gets 429. A client
-that goes away stops its generation before the next token. Requests are validated by pydantic
+Generation runs in one background thread, never on the event loop: requests are batched together
+(continuous batching, see ``engine``), ``batch_rows`` rows at a time; up to ``queue`` more requests
+wait for a row, and a request beyond that gets 429. A client that goes away frees its rows before
+the next token. Requests are validated by pydantic
 (422 with a one-line message); nothing in a request names a file; errors never show a traceback.
 """
 
@@ -86,9 +87,14 @@ class Studio:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):
-        mc = self.model.config
-        self.engine = Engine(self.model, self.tok, self.cfg.max_concurrent)
-        self.request_type = request_model(self.cfg, mc.context_length, mc.vocab_size)
+        cfg, mc = self.cfg, self.model.config
+        self.engine = Engine(self.model, self.tok, cfg.batch_rows, cfg.queue, self.context)
+        self.request_type = request_model(cfg, self.context, mc.vocab_size)
+
+    @property
+    def context(self) -> int:
+        """The tokens a request may span: the model's context, or the server's shorter --max-context."""
+        return self.cfg.context(self.model.config.context_length)
 
     @classmethod
     def load(cls, source: str | Path | Gemma3, cfg: ServeConfig, *, device: str | torch.device,
@@ -105,20 +111,22 @@ class Studio:
         return cls(model, tokenizer or Tokenizer(), cfg, model_id, Path(run_dir) if run_dir is not None else None)
 
     def info(self) -> dict:
-        mc, cfg = self.model.config, self.cfg
-        return {"model": self.model_id, "params": self.model.num_params(), "context_length": mc.context_length,
-                "max_tokens": cfg.max_tokens_cap(mc.context_length), "max_prompt_chars": cfg.max_prompt_chars,
-                "max_concurrent": cfg.max_concurrent, "examples": EXAMPLE_PROMPTS,
+        cfg = self.cfg
+        return {"model": self.model_id, "params": self.model.num_params(),
+                "context_length": self.model.config.context_length, "max_context": self.context,
+                "max_tokens": cfg.max_tokens_cap(self.context), "max_prompt_chars": cfg.max_prompt_chars,
+                "batch_rows": cfg.batch_rows, "queue": cfg.queue, "examples": EXAMPLE_PROMPTS,
                 "run": self.run.name if self.run else None}
 
     def make_job(self, body) -> Job:
-        tok, context = self.tok, self.model.config.context_length
+        tok, context = self.tok, self.context
+        whose = "the model's context" if context == self.model.config.context_length else "the server's --max-context"
         ids = []
         for i, p in enumerate(body.prompts()):
             row = [tok.eot_id] + (tok.encode(p) if isinstance(p, str) else list(p))
             if len(row) + body.max_tokens > context:
                 raise Invalid(f"prompt {i} is {len(row)} tokens (with the leading <|endoftext|>); with max_tokens="
-                               f"{body.max_tokens} it does not fit the model's context of {context} tokens",
+                               f"{body.max_tokens} it does not fit {whose} of {context} tokens",
                                "prompt")
             ids.append(row)
         sampling = SamplingConfig(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
@@ -182,8 +190,8 @@ def _add_page_routes(app: FastAPI, studio: Studio) -> None:
     @app.get("/health")
     async def health():
         engine = studio.engine
-        return {"status": "ok", "model": studio.model_id, "active": engine.active,
-                "max_concurrent": engine.max_concurrent, "stats": dict(engine.stats)}
+        return {"status": "ok", "model": studio.model_id, "active": engine.active, "queued": engine.queued,
+                "batch_rows": engine.batch_rows, "queue": engine.queue, "stats": dict(engine.stats)}
 
     @app.get("/v1/models")
     async def models():
@@ -236,10 +244,6 @@ def _add_completions(app: FastAPI, studio: Studio) -> None:
             job = await asyncio.to_thread(studio.make_job, body)
         except Invalid as e:
             return error_response(422, str(e), "invalid_request_error", e.param)
-        if not engine.try_acquire():
-            return error_response(429, f"server busy: {engine.max_concurrent} generations are already running "
-                               f"(--max-concurrent {engine.max_concurrent}); try again shortly",
-                          "rate_limit_error", headers={"Retry-After": "1"})
         reply = Reply(model_id)
         if not body.stream:
             return await complete_reply(engine, job, request, reply)

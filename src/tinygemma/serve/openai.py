@@ -5,6 +5,7 @@ import json
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,23 +199,32 @@ def _usage(result: Result) -> dict:
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
+def busy_response(engine: Engine) -> JSONResponse:
+    return error_response(429, engine.busy_message(), "rate_limit_error", headers={"Retry-After": "1"})
+
+
 async def complete_reply(engine: Engine, job: Job, request: Request, reply: Reply) -> dict | JSONResponse:
-    """The whole completion in one response; stopped if the client goes away first."""
+    """The whole completion in one response (429 when the engine's queue is full); stopped if the client goes
+    away first."""
     cancel = threading.Event()
+    future = engine.submit(job, None, cancel)
+    if future is None:
+        return busy_response(engine)
     watcher = asyncio.create_task(watch_disconnect(request, cancel))
     try:
-        result = await asyncio.get_running_loop().run_in_executor(engine.pool, engine.run, job, None, cancel)
+        result = await asyncio.wrap_future(future)
     finally:
         watcher.cancel()
-        cancel.set()  # stops the generation if this request itself was cancelled
+        cancel.set()  # frees the rows if this request itself was cancelled
     if result.cancelled:
         return error_response(499, "client closed the request", "cancelled")
     return reply.obj([{"text": t, "index": i, "logprobs": None, "finish_reason": f}
                       for i, (t, f) in enumerate(zip(result.texts, result.finish, strict=True))], usage=_usage(result))
 
 
-def stream_reply(engine: Engine, job: Job, reply: Reply, include_usage: bool) -> _SSEResponse:
-    """The completion as server-sent events: a chunk per row per decoding step, then ``data: [DONE]``."""
+def stream_reply(engine: Engine, job: Job, reply: Reply, include_usage: bool) -> _SSEResponse | JSONResponse:
+    """The completion as server-sent events: a chunk per row per decoding step, then ``data: [DONE]`` (429 when
+    the engine's queue is full)."""
     cancel = threading.Event()
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -225,14 +235,17 @@ def stream_reply(engine: Engine, job: Job, reply: Reply, include_usage: bool) ->
         except RuntimeError:  # the event loop is gone (server shutting down)
             cancel.set()
 
-    def work() -> None:
-        try:
-            put(("done", engine.run(job, lambda changes: put(("step", changes)), cancel)))
-        except Exception:
-            log.exception("generation failed")
+    def done(future: Future) -> None:
+        if future.exception() is None:
+            put(("done", future.result()))
+        else:
+            log.error("generation failed", exc_info=future.exception())
             put(("error", None))
 
-    engine.pool.submit(work)  # a slot was taken, so a worker thread is free: the job starts now
+    future = engine.submit(job, lambda changes: put(("step", changes)), cancel)
+    if future is None:
+        return busy_response(engine)
+    future.add_done_callback(done)
 
     def chunk(choices: list[dict], **extra) -> str:
         return _sse(reply.obj(choices, **extra))
