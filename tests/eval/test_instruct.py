@@ -339,6 +339,14 @@ def test_evaluate_instructions(tiny_ckpt, derived_dir, tokenizer, tmp_path, caps
     first, _ = generate_rows(model, [[50256] + tokenizer.encode(r.prompt()) for r in records[:2]],
                              SamplingConfig(max_new_tokens=12, seed=5))
     assert [s["story"] for s in res["samples"][:2]] == [tokenizer.decode(ids) for ids in first]
+    # the samples report's measures of the stories, pooled: share ended by <|endoftext|>, repeated 4-grams
+    rows = [generate_rows(model, [[50256] + tokenizer.encode(r.prompt()) for r in records[b:b + 2]],
+                          SamplingConfig(max_new_tokens=12, seed=5 + b // 2)) for b in (0, 2)]
+    tokens, ended = rows[0].tokens + rows[1].tokens, rows[0].ended + rows[1].ended
+    assert [s["ended_with_eot"] for s in res["samples"]] == ended and res["ended_with_eot"] == sum(ended) / 4
+    grams = [[tuple(ids[i:i + 4]) for i in range(len(ids) - 3)] for ids in tokens]
+    repeats = sum(len(g) - len(set(g)) for g in grams)
+    assert res["repeated_4gram_rate"] == pytest.approx(repeats / sum(map(len, grams)))
     checks = [check_story(r, s["story"]) for r, s in zip(records, res["samples"], strict=True)]
     words = [c["words"] for c in checks if "words" in c]
     assert res["constraints"]["words"]["n"] == len(words) and res["constraints"]["words"]["satisfied"] == sum(words)
@@ -349,7 +357,8 @@ def test_evaluate_instructions(tiny_ckpt, derived_dir, tokenizer, tmp_path, caps
     assert main(["eval", str(tiny_ckpt), "--instruct", str(derived_dir), "--records", "2",
                  "--instruct-max-new-tokens", "8", "--report", str(tmp_path / "e.json")]) == 0
     out = capsys.readouterr().out
-    assert "overall" in out and "story loss" in out and json.loads((tmp_path / "e.json").read_text())["records"] == 2
+    assert "overall" in out and "story loss" in out and "repeated 4-grams" in out
+    assert json.loads((tmp_path / "e.json").read_text())["records"] == 2
     assert main(["samples", str(tiny_ckpt), "--out", str(tmp_path / "s.md"), "--max-new-tokens", "8",
                  "--instruct", str(derived_dir), "--records", "1", "--instruct-max-new-tokens", "8"]) == 0
     md = (tmp_path / "s.md").read_text()

@@ -143,9 +143,9 @@ def diagnosis_lines(diag: dict) -> list[str]:
     lines = [f"attention onto the instruction lines, {diag['records']} records, {diag['story_positions']:,} story "
              f"positions (by position after 'Story:': {', '.join(names)})"]
     for layer in diag["layers"]:
-        kind = f"{layer['type']}" + (f" (window {layer['window']})" if layer["window"] else "")
+        kind = f"local (window {layer['window']})" if layer["window"] else "global"
         split = "  ".join("-" if v is None else f"{v:.3f}" for v in layer["by_position"].values())
-        lines.append(f"  layer {layer['layer']:>2} {kind:<22} {layer['mass']:.3f}   [{split}]")
+        lines.append(f"  layer {layer['layer']:>2} {kind:<20} {layer['mass']:.3f}   [{split}]")
     lines.append(f"loss on required words' tokens {diag['word_loss']:.3f} ({diag['word_tokens']:,} tokens), "
                  f"other story tokens {diag['other_loss']:.3f} ({diag['other_tokens']:,})")
     return lines
