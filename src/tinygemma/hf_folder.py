@@ -39,6 +39,7 @@ class CardInfo:
     training_time_s: float | None = None
     samples: list[str] = field(default_factory=list)
     train_config: dict[str, Any] | None = None
+    instruct: bool = False  # trained on instruct records (`train` on an instruct folder; `finetune` says so itself)
     license: str = "apache-2.0"
 
 
@@ -240,15 +241,15 @@ def _card_samples(info: CardInfo) -> list[str]:
 
 
 def _card_usage(info: CardInfo) -> list[str]:
-    # a `tinygemma finetune` checkpoint takes TinyStories-Instruct's header lines before its story
-    instruct = bool(info.train_config and info.train_config.get("finetune_from"))
+    # a model trained on instruct records takes TinyStories-Instruct's header lines before its story
+    instruct = info.instruct or bool(info.train_config and info.train_config.get("finetune_from"))
     prompt = []
     if instruct:
         example = build_prompt(words=["frog", "jump", "shiny"], features=["Dialogue"])
-        prompt = [f"This checkpoint was fine-tuned on TinyStories-Instruct records: begin the prompt with their "
+        prompt = [f"This checkpoint was trained on TinyStories-Instruct records: begin the prompt with their "
                   f"header lines, e.g. `{example!r}` (`tinygemma generate --words ... --features ...` builds it).",
                   ""]
-    follows = ("follows the instruction lines it was fine-tuned on only part of the time (`tinygemma eval "
+    follows = ("follows the instruction lines it was trained on only part of the time (`tinygemma eval "
                "--instruct` measures how often)" if instruct else "cannot follow instructions")
     return [
         "", "## How to use", "",

@@ -8,6 +8,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tinygemma.cli import main
+from tinygemma.data.config import InstructOptions, PrepareConfig
+from tinygemma.data.instruct import prepare_instruct
 from tinygemma.prompts import TUTORIAL_PROMPTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +53,13 @@ def check_outputs(nb: nbformat.NotebookNode) -> None:
     assert re.search(r"validation: loss \d+\.\d+ nats/token, perplexity", text(outputs(nb, "## 7.")))
     hf = text(outputs(nb, "## 8."))
     assert "Gemma3ForCausalLM: " + TUTORIAL_PROMPTS[1] in hf and "same greedy text as tinygemma: True" in hf
+    instruct = text(outputs(nb, "## 9."))  # three asked-for stories, each checked; the measured rates
+    assert "Features: Dialogue\nWords: frog, jump, shiny\nStory: \n\n" in instruct
+    assert "Words: ball, rain, brave\nRandom sentence: The sun came out again.\nStory: " in instruct
+    assert len(re.findall(r"^followed: words (yes|no)", instruct, re.MULTILINE)) == 3
+    for measure in ("words", "sentence", "overall", "each word"):
+        assert re.search(rf"^{measure} +\d+\.\d%  \[95% \d+\.\d%-\d+\.\d%\]  \(\d+/\d+\)$", instruct, re.MULTILINE)
+    assert re.search(r"^story loss \d+\.\d{4} ", instruct, re.MULTILINE) and "repeated 4-grams" in instruct
 
 
 def test_committed_notebook_shows_the_demo_outputs():
@@ -60,17 +70,32 @@ def test_committed_notebook_shows_the_demo_outputs():
     check_outputs(nb)
 
 
+@pytest.fixture(scope="module")
+def instruct_run(short_run, sample_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """The short run fine-tuned for 4 steps on derived instruct records of 60 stories per split; (run, data)."""
+    data, out = tmp_path_factory.mktemp("derived"), tmp_path_factory.mktemp("instruct-run")
+    prepare_instruct(PrepareConfig(source=str(sample_dir), out=str(data), max_stories=60, workers=1),
+                     InstructOptions(derive_instructions=True))
+    assert main(["finetune", str(short_run), "--data", str(data), "--out", str(out), "--block-size", "96",
+                 "--micro-batch", "4", "--max-steps", "4", "--eval-interval", "4", "--eval-batches", "1",
+                 "--no-progress"]) == 0
+    return out, data
+
+
 @pytest.mark.slow
-def test_notebook_executes_on_a_checkpoint(short_run, data_dir, tmp_path):
+def test_notebook_executes_on_a_checkpoint(short_run, data_dir, instruct_run, tmp_path):
     before = NOTEBOOK.read_bytes()
     out = tmp_path / "executed.ipynb"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "notebook.py"), str(NOTEBOOK), "--set",
-                           f"RUN={short_run}", "--set", f"DATA={data_dir}", "--out", str(out)],
+                           f"RUN={short_run}", "--set", f"DATA={data_dir}", "--set", f"INSTRUCT_RUN={instruct_run[0]}",
+                           "--set", f"INSTRUCT_DATA={instruct_run[1]}", "--out", str(out)],
                           capture_output=True, text=True, timeout=1800)  # a hang guard: busy machines are slow
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert NOTEBOOK.read_bytes() == before  # the committed outputs are left alone
     nb = nbformat.read(out, as_version=4)
     assert f"{short_run.name}/best" in text(outputs(nb, "## 1."))
+    shown = text(outputs(nb, "## 9."))
+    assert re.search(rf"^instruct checkpoint: \S*{instruct_run[0].name}/best$", shown, re.MULTILINE)
     check_outputs(nb)
 
 

@@ -224,6 +224,39 @@ def test_derive_instructions_prepares_plain_stories(tmp_path, sample_dir):
     assert sum(bool(r.words) for r in records) >= 18 and not any(r.summary for r in records)
 
 
+def test_instruct_share_mixes_instructed_and_plain_records(tmp_path, sample_dir, capsys):
+    """--instruct-share F: each record is either the derived record (instruction lines kept) or the control's
+    (--no-headers: "Story:" only), the same in both splits' files, a seeded choice near share F."""
+    folders = {}
+    for name, flags in (("full", []), ("control", ["--no-headers"]), ("mix", ["--instruct-share", "0.3"]),
+                        ("again", ["--instruct-share", "0.3", "--workers", "1"])):
+        folders[name] = tmp_path / name
+        assert main(["prepare", "--derive-instructions", "--source", str(sample_dir), "--out", str(folders[name]),
+                     "--max-stories", "200", "--workers", "2", *flags]) == 0
+    full, control, mix, again = (read_records(folders[n]) for n in ("full", "control", "mix", "again"))
+    kept = [m == f for m, f in zip(mix, full, strict=True)]
+    assert all(k or m == c for k, m, c in zip(kept, mix, control, strict=True))
+    assert mix == again and 0.2 * 200 <= sum(kept) <= 0.4 * 200  # 0.3 +- 3.1 sigma of a binomial
+    ds = {n: InstructDataset(folders[n], "val") for n in ("full", "control", "mix")}
+    for k, keep in enumerate(kept):  # the tokens and mask too
+        ids, mask = ds["mix"].record(k)
+        want_ids, want_mask = ds["full" if keep else "control"].record(k)
+        assert np.array_equal(ids, want_ids) and np.array_equal(mask, want_mask)
+    meta = json.loads((folders["mix"] / "meta.json").read_text())
+    assert meta["instruct_share"] == 0.3 and meta["headers"] is True
+    capsys.readouterr()
+    for bad in ("0", "1.5", "-1", "nan"):
+        assert main(["prepare", "--derive-instructions", "--instruct-share", bad, "--out", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--instruct-share must be in (0, 1], got {float(bad)}" in err[0]
+    for flags, why in ((["--derive-instructions", "--no-headers"], "exclude each other"),
+                       ([], "goes with --instruct or --derive-instructions")):
+        assert main(["prepare", *flags, "--instruct-share", "0.5", "--out", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0]
+    assert not (tmp_path / "b").exists()
+
+
 def test_bad_inputs(tmp_path, raw, data_dir, capsys):
     src = tmp_path / "src"
     src.mkdir()
@@ -247,12 +280,8 @@ def test_bad_inputs(tmp_path, raw, data_dir, capsys):
     prepare_instruct(PrepareConfig(source=str(src2), out=str(tmp_path / "ok"), workers=1),
                      InstructOptions(instruct=True))
     capsys.readouterr()
-    with pytest.raises(UserError, match="instruct data .*`tinygemma finetune`"):
+    with pytest.raises(UserError, match="instruct data .*`tinygemma train` or `tinygemma finetune`"):
         TokenDataset(tmp_path / "ok", "train")
-    assert main(["train", "--data", str(tmp_path / "ok"), "--out", str(tmp_path / "run"), "--model", "tiny",
-                 "--max-steps", "1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "tinygemma finetune" in err[0]
 
 
 def test_masked_loss_equals_direct_computation(tmp_path, raw):
@@ -310,6 +339,14 @@ def test_evaluate_instructions(tiny_ckpt, derived_dir, tokenizer, tmp_path, caps
     first, _ = generate_rows(model, [[50256] + tokenizer.encode(r.prompt()) for r in records[:2]],
                              SamplingConfig(max_new_tokens=12, seed=5))
     assert [s["story"] for s in res["samples"][:2]] == [tokenizer.decode(ids) for ids in first]
+    # the samples report's measures of the stories, pooled: share ended by <|endoftext|>, repeated 4-grams
+    rows = [generate_rows(model, [[50256] + tokenizer.encode(r.prompt()) for r in records[b:b + 2]],
+                          SamplingConfig(max_new_tokens=12, seed=5 + b // 2)) for b in (0, 2)]
+    tokens, ended = rows[0].tokens + rows[1].tokens, rows[0].ended + rows[1].ended
+    assert [s["ended_with_eot"] for s in res["samples"]] == ended and res["ended_with_eot"] == sum(ended) / 4
+    grams = [[tuple(ids[i:i + 4]) for i in range(len(ids) - 3)] for ids in tokens]
+    repeats = sum(len(g) - len(set(g)) for g in grams)
+    assert res["repeated_4gram_rate"] == pytest.approx(repeats / sum(map(len, grams)))
     checks = [check_story(r, s["story"]) for r, s in zip(records, res["samples"], strict=True)]
     words = [c["words"] for c in checks if "words" in c]
     assert res["constraints"]["words"]["n"] == len(words) and res["constraints"]["words"]["satisfied"] == sum(words)
@@ -320,7 +357,8 @@ def test_evaluate_instructions(tiny_ckpt, derived_dir, tokenizer, tmp_path, caps
     assert main(["eval", str(tiny_ckpt), "--instruct", str(derived_dir), "--records", "2",
                  "--instruct-max-new-tokens", "8", "--report", str(tmp_path / "e.json")]) == 0
     out = capsys.readouterr().out
-    assert "overall" in out and "story loss" in out and json.loads((tmp_path / "e.json").read_text())["records"] == 2
+    assert "overall" in out and "story loss" in out and "repeated 4-grams" in out
+    assert json.loads((tmp_path / "e.json").read_text())["records"] == 2
     assert main(["samples", str(tiny_ckpt), "--out", str(tmp_path / "s.md"), "--max-new-tokens", "8",
                  "--instruct", str(derived_dir), "--records", "1", "--instruct-max-new-tokens", "8"]) == 0
     md = (tmp_path / "s.md").read_text()

@@ -23,8 +23,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="pre-train a model on prepared data",
                               description="Pre-train a Gemma 3 preset; flags override the recipe, --set KEY=VALUE "
                                           "sets any TrainConfig field.")
-    p.add_argument("--recipe", default=None, help="default (= muon) | muon | adamw | tutorial | a JSON file "
-                                                  "(default: default)")
+    p.add_argument("--recipe", default=None, help="default (= muon) | muon | adamw | tutorial | instruct (on "
+                                                  "instruct records) | a JSON file (default: default)")
     _common_args(p, "default")
     p.set_defaults(func=_train)
     p = subparsers.add_parser("finetune", help="fine-tune a checkpoint on instruct records (masked loss)",

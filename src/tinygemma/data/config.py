@@ -50,12 +50,21 @@ class InstructOptions:
     headers: bool = field(default=True, metadata={
         "help": "with --derive-instructions: --no-headers leaves the instruction lines out (the same stories in "
                 "the same layout: bench/instruct.py's control)"})
+    instruct_share: float = field(default=1.0, metadata={
+        "help": "the share of records (0 < F <= 1, chosen by a hash of --seed and the story) that keep their "
+                "instruction lines; the others get --no-headers' layout (a mix for pre-training)"})
 
     def __post_init__(self):
         if self.instruct and self.derive_instructions:
             raise UserError("--instruct and --derive-instructions exclude each other")
         if not self.headers and not self.derive_instructions:
             raise UserError("--no-headers goes with --derive-instructions")
+        if not 0 < self.instruct_share <= 1:  # NaN too
+            raise UserError(f"--instruct-share must be in (0, 1], got {self.instruct_share}")
+        if self.instruct_share < 1 and not (self.instruct or self.derive_instructions):
+            raise UserError("--instruct-share goes with --instruct or --derive-instructions")
+        if self.instruct_share < 1 and not self.headers:
+            raise UserError("--instruct-share and --no-headers exclude each other")
         if self.max_record_tokens < 8:
             raise UserError(f"max_record_tokens must be >= 8, got {self.max_record_tokens}")
 

@@ -13,6 +13,16 @@ from tinygemma.data.config import DTYPE, FORMAT_VERSION
 from tinygemma.tokenizer import Tokenizer
 
 
+def data_format(directory: str | os.PathLike) -> str | None:
+    """meta.json's "format" of a prepared folder (None for plain story streams, and for a folder without a
+    readable meta.json: opening it as a dataset then says what is wrong)."""
+    try:
+        meta = json.loads((Path(directory) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("format") if isinstance(meta, dict) else None
+
+
 class TokenDataset:
     """One split of prepared data, memory-mapped; checks meta.json before trusting the bytes."""
 
@@ -20,7 +30,8 @@ class TokenDataset:
 
     def _wrong_format(self) -> UserError:
         return UserError(f"{self.dir}: instruct data (records with a loss mask), not plain token data; "
-                         "fine-tune on it with `tinygemma finetune`")
+                         "train on it with `tinygemma train` or `tinygemma finetune`, score it with `tinygemma eval "
+                         "--instruct`")
 
     def __init__(self, directory: str | os.PathLike, split: str = "train", vocab_size: int | None = None):
         self.dir = Path(directory)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -58,6 +59,15 @@ def encode_record(tok: Tokenizer, record: Record, max_tokens: int) -> tuple[np.n
     return ids[:max_tokens], mask[:max_tokens], len(ids) > max_tokens
 
 
+def keeps_headers(text: str, seed: int, share: float) -> bool:
+    """Whether a record keeps its instruction lines under ``--instruct-share share``: a hash of (seed, text), so
+    the choice is independent of order and workers, and of the one that picks a derived record's words."""
+    if share >= 1:
+        return True
+    h = hashlib.blake2b(text.encode(), digest_size=8, key=seed.to_bytes(8, "little", signed=True), person=b"share")
+    return int.from_bytes(h.digest(), "little") < share * 2**64
+
+
 def _concat(parts: list[np.ndarray], dtype: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype)
 
@@ -77,7 +87,7 @@ def encode_records(opts: InstructOptions, seed: int, task: Task) -> _Records:
         val = task.split_val and in_val_split(text)
         try:
             record = derive_record(text, seed) if opts.derive_instructions else parse_record(text)
-            if not opts.headers:
+            if not (opts.headers and keeps_headers(text, seed, opts.instruct_share)):
                 record = Record(story=record.story)
             rec_ids, rec_mask, cut = encode_record(tok, record, opts.max_record_tokens)
         except Malformed as e:
@@ -191,7 +201,8 @@ def layout(opts: InstructOptions, seed: int) -> Layout:
     return Layout(inputs=resolve_source if opts.derive_instructions else _instruct_inputs,
                        encode=functools.partial(encode_records, opts, seed), writer=_RecordWriter, unit="records",
                        meta={"format": "instruct", "prompt_version": PROMPT_VERSION, "instructions": kind,
-                             "max_record_tokens": opts.max_record_tokens})
+                             "max_record_tokens": opts.max_record_tokens, "headers": opts.headers,
+                             "instruct_share": opts.instruct_share})
 
 
 def prepare_instruct(cfg: PrepareConfig, opts: InstructOptions, command: str | None = None) -> dict:

@@ -95,11 +95,17 @@ def evaluate_instructions(model: torch.nn.Module, tokenizer: Tokenizer, data_dir
     if sampling.num_samples != 1:
         raise UserError("instruction evaluation writes one story per record (num_samples must be 1)")
     base_seed = seed if sampling.seed is None else sampling.seed
-    stories = []
+    from tinygemma.eval.samples import repeated_ngram_rate  # the samples report's measure (it imports this module)
+
+    stories, ended, repeats = [], [], [0, 0]
     for b in range(0, len(records), batch_size):
         prompts = [[tokenizer.eot_id] + tokenizer.encode(r.prompt()) for r in records[b:b + batch_size]]
-        rows, _ = generate_rows(model, prompts, replace(sampling, seed=base_seed + b // batch_size))
+        rows, stopped = generate_rows(model, prompts, replace(sampling, seed=base_seed + b // batch_size))
         stories += [tokenizer.decode(ids) for ids in rows]
+        ended += stopped
+        for ids in rows:
+            repeated, grams = repeated_ngram_rate(ids)
+            repeats = [repeats[0] + repeated, repeats[1] + grams]
     checks = [check_story(r, s) for r, s in zip(records, stories, strict=True)]
     loss, trained = masked_loss(model, ds, np.arange(len(records)), batch_size=batch_size)
     result = {
@@ -111,8 +117,11 @@ def evaluate_instructions(model: torch.nn.Module, tokenizer: Tokenizer, data_dir
         "overall": _rate([all(c.values()) for c in checks if c]),
         "words_each": _rate([uses_word(s, w) for r, s in zip(records, stories, strict=True) for w in r.words]),
         "story_loss": loss, "story_tokens": trained,
-        "samples": [{"prompt": r.prompt(), "story": s, "followed": c}
-                    for r, s, c in zip(records, stories, checks, strict=True)],
+        # what word-stuffing would show, as the samples report measures them (pooled over the stories)
+        "ended_with_eot": sum(ended) / len(ended),
+        "repeated_4gram_rate": repeats[0] / repeats[1] if repeats[1] else 0.0,
+        "samples": [{"prompt": r.prompt(), "story": s, "followed": c, "ended_with_eot": e}
+                    for r, s, c, e in zip(records, stories, checks, ended, strict=True)],
     }
     if out is not None:
         atomic_write_text(out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
@@ -141,6 +150,9 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"{name:<10} {r['rate']:6.1%}  [95% {lo:.1%}-{hi:.1%}]  ({r['satisfied']}/{r['n']})")
     lines.append(f"story loss {result['story_loss']:.4f}  ({result['story_tokens']:,} trained-on tokens, "
                  f"{result['records']} records)")
+    if "ended_with_eot" in result:  # results written before these measures lack them
+        lines.append(f"stories ending with <|endoftext|> {result['ended_with_eot']:.1%}, repeated 4-grams "
+                     f"{result['repeated_4gram_rate']:.1%}")
     return lines
 
 

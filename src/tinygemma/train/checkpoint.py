@@ -129,11 +129,13 @@ def finetune_start(checkpoint: str | Path) -> dict[str, str]:
 
 
 def model_card_facts(name: str, step: int, tokens: int, train_time_s: float, cfg: TrainConfig, recipe: str | None,
-                     hardware: str, val_loss: float | None, eval_rows: int, samples: list[str]) -> dict[str, Any]:
-    """What a checkpoint's model card says about its training (:class:`tinygemma.hf_folder.CardInfo`'s fields)."""
+                     hardware: str, val_loss: float | None, eval_rows: int, samples: list[str],
+                     instruct: bool = False) -> dict[str, Any]:
+    """What a checkpoint's model card says about its training (:class:`tinygemma.hf_folder.CardInfo`'s fields);
+    ``instruct``: trained on instruct records."""
     return {"name": name, "step": step, "tokens_seen": tokens, "recipe": recipe, "hardware": hardware,
             "training_time_s": train_time_s, "train_config": to_dict(cfg), "val_loss": val_loss,
-            "val_tokens": eval_rows * cfg.block_size, "samples": samples}
+            "val_tokens": eval_rows * cfg.block_size, "samples": samples, "instruct": instruct}
 
 
 # -- the run folder of a new run ----------------------------------------------------------------------------

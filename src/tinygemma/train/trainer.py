@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from tinygemma import rundir
 from tinygemma.config import UserError, to_dict
-from tinygemma.data.dataset import TokenDataset
+from tinygemma.data.dataset import TokenDataset, data_format
 from tinygemma.device import check_memory
 from tinygemma.log import progress, warn
 from tinygemma.model import Gemma3, load_model_config
@@ -178,7 +178,10 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg, vocab = self.cfg, self.model_cfg.vocab_size
-        records = cfg.finetune_from is not None  # instruct records, one per row; else a stream of tokens
+        # instruct records, one per row with the masked loss (finetune, the instruct recipe, or train on an
+        # instruct folder); else a stream of tokens. InstructDataset refuses plain data to the first two in one line
+        self.records = records = (cfg.finetune_from is not None or self.recipe == "instruct"
+                                  or data_format(cfg.data) == InstructDataset.format)
         dataset, sampler = (InstructDataset, RecordSampler) if records else (TokenDataset, Sampler)
         train_data, val_data = (dataset(cfg.data, split, vocab_size=vocab) for split in ("train", "val"))
         if records:
@@ -441,7 +444,8 @@ class Trainer:
         state, cfg = self.state, self.cfg
         val_loss = state.best_val_loss if name == rundir.BEST else self.last_eval["val_loss"]
         card = model_card_facts(self.out.name, state.step, state.tokens, state.train_time_s, cfg, self.recipe,
-                                self.hardware, val_loss, self.eval_rows, self.last_eval["samples"])
+                                self.hardware, val_loss, self.eval_rows, self.last_eval["samples"],
+                                self.records)
         trainer_state = {**asdict(state),
                          "schedule": {"lr": lr_at(cfg, state.step, self.total_steps()),
                                       "total_steps": self.total_steps(), "tokens_per_step": self.tokens_per_step},
