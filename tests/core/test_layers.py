@@ -13,7 +13,7 @@ LAYERS = [
               "rundir", "hf_folder"}),
     ("data", {"data"}),
     ("train", {"train"}),
-    ("generate", {"generate"}),
+    ("generate", {"generate", "quant"}),
     ("eval", {"eval"}),
     ("serve", {"serve"}),
     ("export", {"export", "gguf_export"}),
