@@ -7,12 +7,15 @@ them, int8 quarters them.
   float32 (see :func:`tinygemma.fused.rms_norm`). Meant for GPUs and CPUs with native bf16 (AVX512-BF16/AMX,
   Ampere and later): elsewhere the matmuls are emulated and may be slower than fp32.
 - ``int8``: weight-only, symmetric, one scale per output channel (``w ~ q * scale``, ``q`` in [-127, 127]),
-  for every Linear of the blocks and for the LM head; activations, norms, the KV cache and the logits stay
-  float32. On a CPU the product is torch's ``aten._weight_int8pack_mm`` (int8 weights read as they are); on
-  other devices ``linear(x, q.to(x.dtype)) * scale``, which torch.compile fuses into one kernel. The embedding
-  lookup stays exact: the tied matrix is kept in float32 beside its int8 copy (one row of it is read per token),
-  and the head keeps it as ``.weight`` so that code asking the head for the model's device and compute dtype
-  keeps working.
+  for every Linear of the blocks and for the LM head; the residual stream, norms, KV cache and logits stay
+  float32. On a CPU the products run torch's ``aten._weight_int8pack_mm``, which reads the int8 weights as they
+  are; its vectorized (AVX512) path takes bf16 activations, so each product's input and output are rounded to
+  bf16 (with float32 inputs the op runs a scalar loop, slower than fp32 weights) and the scales are bf16. A
+  row's result does not depend on the other rows of the batch. On other devices the product is
+  ``linear(x, q.to(x.dtype)) * scale`` in the activations' dtype, which torch.compile fuses into one kernel.
+  The embedding lookup stays exact: the tied matrix is kept in float32 beside its int8 copy (one row of it is
+  read per token), and the head keeps it as ``.weight`` so that code asking the head for the model's device and
+  compute dtype keeps working.
 
 Conversions are in place, as :meth:`torch.nn.Module.to` is; a converted model is for inference only
 (``save_pretrained`` of an int8 model is not a transformers folder).
@@ -36,20 +39,24 @@ INFERENCE_DTYPES = ("fp32", "bf16", "int8")  # --dtype of generate, eval, sample
 INT8_MAX = 127  # symmetric: -128 is never used, so that q and -q are both representable
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 ``q`` (out, in) and float32 ``scale`` (out,) with ``weight ~ q * scale[:, None]``, one scale per row
-    (output channel): the row's largest magnitude maps to 127 (an all-zero row gets scale 1)."""
+def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 ``q`` (out, in) and ``scale`` (out,) in ``scale_dtype`` with ``weight ~ q * scale[:, None]``, one
+    scale per row (output channel): the row's largest magnitude / 127, rounded up to ``scale_dtype`` so that no
+    entry is clipped (every entry is within scale / 2 of its value); an all-zero row gets scale 1."""
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1) / INT8_MAX
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    exact = w.abs().amax(dim=1) / INT8_MAX
+    scale = exact.to(scale_dtype)
+    scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    scale = torch.where(exact > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale.float()[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
 
 class Int8Linear(nn.Module):
     """A bias-free Linear computing ``x @ (q * scale[:, None]).T`` with int8 ``q`` (buffers ``qweight`` and
-    ``scales``). ``weight``, when given (the LM head), is the float matrix kept beside it for the exact
-    embedding lookup; the product never reads it."""
+    ``scales``; see the module doc for the dtypes). ``weight``, when given (the LM head), is the float matrix
+    kept beside it for the exact embedding lookup; the product never reads it."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, weight: nn.Parameter | None = None):
         super().__init__()
@@ -63,16 +70,17 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, keep_weight: bool = False) -> Int8Linear:
         if linear.bias is not None:
             raise ValueError("Int8Linear has no bias (Gemma 3's Linears have none)")
-        q, scale = quantize_rows(linear.weight)
-        return cls(q, scale.to(linear.weight.dtype), linear.weight if keep_weight else None)
+        w = linear.weight
+        q, scale = quantize_rows(w, torch.bfloat16 if w.device.type == "cpu" else w.dtype)
+        return cls(q, scale, w if keep_weight else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).contiguous()
+        x2 = x.reshape(-1, self.in_features)
         if x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales.to(x.dtype))
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.scales.dtype).contiguous(), self.qweight, self.scales)
         else:
             y = F.linear(x2, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
 def quantize_int8(model: Gemma3) -> Gemma3:
