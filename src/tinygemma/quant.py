@@ -104,6 +104,8 @@ def for_inference(model: Gemma3, dtype: str) -> Gemma3:
     in place and returned; its ``config`` is unchanged."""
     if dtype not in INFERENCE_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose {', '.join(INFERENCE_DTYPES)}")
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise ValueError("the model has int8 weights already: convert the float model")
     model.eval()
     if dtype == "bf16":
         if model.lm_head.weight.device.type == "cpu" and not native_bf16_cpu():

@@ -76,6 +76,8 @@ def test_int8_block_matrices_take_a_quarter_of_the_bytes():
     q = copy.deepcopy(fp32)
     config = q.config
     assert for_inference(q, "int8") is q and q.config is config  # in place, config kept
+    with pytest.raises(ValueError, match="int8 weights already"):
+        for_inference(q, "bf16")
     before, after = block_linears(fp32), block_linears(q)
     assert len(after) == 7 * fp32.config.num_layers and all(isinstance(m, Int8Linear) for m in after)
     for lin, qlin in zip(before, after, strict=True):
