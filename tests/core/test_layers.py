@@ -13,7 +13,7 @@ LAYERS = [
               "rundir", "hf_folder"}),
     ("data", {"data"}),
     ("train", {"train"}),
-    ("generate", {"decode", "generate"}),
+    ("generate", {"decode", "generate", "quant"}),
     ("eval", {"eval"}),
     ("serve", {"serve"}),
     ("export", {"export", "gguf_export"}),

@@ -78,11 +78,12 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto = cuda if available)")
 
 
-def add_dtype_arg(p: argparse.ArgumentParser) -> None:
-    from tinygemma.device import DTYPES  # torch: only for the commands that run a model
+def add_dtype_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    from tinygemma.quant import INFERENCE_DTYPES  # torch: only for the commands that run a model
 
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="weights and activations: auto = bf16 on CUDA, fp32 elsewhere")
+    p.add_argument("--dtype", choices=["auto", *INFERENCE_DTYPES], default=default,
+                   help="weights: auto = bf16 on CUDA GPUs with native bf16, fp32 elsewhere; bf16 (activations "
+                        f"too); int8 = int8 weights, fp32 activations (see docs/generation.md) (default: {default})")
 
 
 def sampling_config_from_args(args: argparse.Namespace) -> SamplingConfig:

@@ -11,6 +11,7 @@ from tinygemma.cli.args import (
     add_checkpoint_arg,
     add_dataclass_args,
     add_device_arg,
+    add_dtype_arg,
     add_eval_args,
     dataclass_overrides,
     sampling_config_from_args,
@@ -22,8 +23,8 @@ from tinygemma.eval.loss import EvalConfig, evaluate_checkpoint
 from tinygemma.eval.render import format_measure
 from tinygemma.eval.samples import REPORT_SEED, SAMPLE_MEASURES, read_prompts, write_samples_report
 from tinygemma.files import check_output_file
-from tinygemma.generate import load_checkpoint
 from tinygemma.prompts import TUTORIAL_PROMPTS
+from tinygemma.quant import load_for_inference
 from tinygemma.sampling import SamplingConfig
 from tinygemma.tokenizer import Tokenizer
 
@@ -44,7 +45,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.instruct is not None:
         return _eval_instruct(args)
     cfg = from_dict(EvalConfig, dataclass_overrides(args, EvalConfig), "eval")
-    res = evaluate_checkpoint(args.checkpoint, cfg, parse_device(args.device), progress=not args.json)
+    res = evaluate_checkpoint(args.checkpoint, cfg, parse_device(args.device), progress=not args.json,
+                              dtype=args.dtype)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -60,7 +62,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_instruct(args: argparse.Namespace) -> int:
-    res = evaluate_from_args(load_checkpoint(args.checkpoint, device=parse_device(args.device)), args, args.report)
+    model = load_for_inference(args.checkpoint, parse_device(args.device), args.dtype)
+    res = evaluate_from_args(model, args, args.report)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), **res}, indent=2, ensure_ascii=False))
     else:
@@ -75,7 +78,7 @@ def _samples(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, "--out", force=args.force)
     check_output_file(out.with_suffix(".html"), "--out", force=args.force)
     prompts = TUTORIAL_PROMPTS + (read_prompts(args.prompts) if args.prompts else [])
-    model = load_checkpoint(args.checkpoint, device=parse_device(args.device))
+    model = load_for_inference(args.checkpoint, parse_device(args.device), args.dtype)
     instructions = evaluate_from_args(model, args) if args.instruct is not None else None
     report = write_samples_report(model, Tokenizer(), out, prompts, cfg, title=f"Samples from {args.checkpoint}",
                                   instructions=instructions)
@@ -100,6 +103,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --report file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_device_arg(p)
+    add_dtype_arg(p, default="fp32")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("samples", help="a Markdown/HTML report of sampled stories with automatic measures")
@@ -111,4 +115,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing report (--out and its .html twin)")
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
     add_device_arg(p)
+    add_dtype_arg(p, default="fp32")
     p.set_defaults(func=_samples)

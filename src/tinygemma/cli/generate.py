@@ -15,9 +15,10 @@ from tinygemma.cli.args import (
     add_dtype_arg,
     sampling_config_from_args,
 )
-from tinygemma.device import check_memory, generation_bytes, inference_dtype, parse_device
-from tinygemma.generate import Completions, TextStream, encode_prompts, generate_rows, load_checkpoint, prompt_room
+from tinygemma.device import check_memory, generation_bytes, parse_device
+from tinygemma.generate import Completions, TextStream, encode_prompts, generate_rows, prompt_room
 from tinygemma.log import warn
+from tinygemma.quant import load_for_inference
 from tinygemma.sampling import SamplingConfig
 from tinygemma.tokenizer import Tokenizer
 
@@ -30,7 +31,7 @@ def _generate(args: argparse.Namespace) -> int:
     if (instructions := prompt_from_args(args)) is not None:  # TinyStories-Instruct header; --prompt opens the story
         prompts = [instructions + p for p in prompts]
     device = parse_device(args.device)
-    model = load_checkpoint(args.checkpoint, device=device, dtype=inference_dtype(args.dtype, device))
+    model = load_for_inference(args.checkpoint, device, args.dtype)
     tok = Tokenizer()
     prompt_ids = encode_prompts(tok, prompts)
     keep = prompt_room(model.config.context_length, cfg.max_new_tokens)

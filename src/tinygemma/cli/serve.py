@@ -13,7 +13,7 @@ from tinygemma.cli.args import (
     dataclass_overrides,
 )
 from tinygemma.config import from_dict
-from tinygemma.device import inference_dtype, parse_device
+from tinygemma.device import parse_device
 from tinygemma.log import warn
 from tinygemma.serve.app import base_url, bind, create_app, is_loopback, uvicorn_server
 from tinygemma.serve.config import ServeConfig
@@ -22,7 +22,7 @@ from tinygemma.serve.config import ServeConfig
 def _serve(args: argparse.Namespace) -> int:
     cfg = from_dict(ServeConfig, dataclass_overrides(args, ServeConfig), "serve")
     device = parse_device(args.device)
-    app = create_app(args.checkpoint, cfg, device=device, dtype=inference_dtype(args.dtype, device))
+    app = create_app(args.checkpoint, cfg, device=device, dtype=args.dtype)
     sock = bind(cfg.host, cfg.port)
     if not is_loopback(cfg.host):
         warn(f"listening on {cfg.host}, not loopback: anyone who can reach this machine can use the model "

@@ -25,6 +25,7 @@ import functools
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,9 +35,9 @@ import torch.nn.functional as F
 from tinygemma.config import UserError
 from tinygemma.data.dataset import TokenDataset
 from tinygemma.fused import IGNORE_INDEX
-from tinygemma.generate import load_checkpoint
 from tinygemma.log import progress as progress_bar
 from tinygemma.model import Gemma3
+from tinygemma.quant import load_for_inference
 from tinygemma.rundir import read_run_config, resolve_checkpoint
 from tinygemma.tokenizer import Tokenizer
 
@@ -62,6 +63,25 @@ class EvalConfig:
             raise UserError(f"context_stories must be >= 0, got {self.context_stories}")
 
 
+def token_windows(tokens: np.ndarray, block_size: int, batch_size: int, eot: int
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of inputs and targets (B, block_size) that predict every token of ``tokens`` once, read as one
+    stream preceded by ``<|endoftext|>``, in non-overlapping windows (the last one shorter: its remaining
+    targets are ``IGNORE_INDEX``)."""
+    starts = list(range(0, len(tokens), block_size))
+    for b in range(0, len(starts), batch_size):
+        group = starts[b:b + batch_size]
+        x = torch.full((len(group), block_size), eot, dtype=torch.long)
+        y = torch.full((len(group), block_size), IGNORE_INDEX, dtype=torch.long)
+        for r, s in enumerate(group):
+            tgt = torch.from_numpy(np.asarray(tokens[s:s + block_size], dtype=np.int64))
+            # input t-1 predicts target t; the token before the split is <|endoftext|>
+            prev = torch.from_numpy(np.asarray(tokens[max(s - 1, 0):s + len(tgt) - 1], dtype=np.int64))
+            inp = torch.cat([torch.tensor([eot]), prev]) if s == 0 else prev
+            x[r, :len(tgt)], y[r, :len(tgt)] = inp, tgt
+        yield x, y
+
+
 @torch.inference_mode()
 def evaluate_tokens(model: Gemma3, tokens: np.ndarray, block_size: int | None = None, batch_size: int = 4,
                     progress: bool = False, tokenizer: Tokenizer | None = None) -> dict:
@@ -75,19 +95,9 @@ def evaluate_tokens(model: Gemma3, tokens: np.ndarray, block_size: int | None = 
     if n == 0:
         raise UserError("no tokens to evaluate")
     device = model.lm_head.weight.device
-    starts = list(range(0, n, block_size))
     total, t0 = 0.0, time.perf_counter()
     bar = progress_bar(n, unit="tok", desc="eval", disable=not progress)
-    for b in range(0, len(starts), batch_size):
-        group = starts[b:b + batch_size]
-        x = torch.full((len(group), block_size), mc.eot_token_id, dtype=torch.long)
-        y = torch.full((len(group), block_size), IGNORE_INDEX, dtype=torch.long)
-        for r, s in enumerate(group):
-            tgt = torch.from_numpy(np.asarray(tokens[s:s + block_size], dtype=np.int64))
-            # input t-1 predicts target t; the token before the split is <|endoftext|>
-            prev = torch.from_numpy(np.asarray(tokens[max(s - 1, 0):s + len(tgt) - 1], dtype=np.int64))
-            inp = torch.cat([torch.tensor([mc.eot_token_id]), prev]) if s == 0 else prev
-            x[r, :len(tgt)], y[r, :len(tgt)] = inp, tgt
+    for x, y in token_windows(tokens, block_size, batch_size, mc.eot_token_id):
         logits = model(x.to(device))
         # summed in float64 so that the mean does not depend on how the split is batched
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE_INDEX,
@@ -99,7 +109,7 @@ def evaluate_tokens(model: Gemma3, tokens: np.ndarray, block_size: int | None = 
     mean = total / n
     n_bytes = text_bytes(tokens, tokenizer or Tokenizer())
     return {"loss": mean, "perplexity": math.exp(mean), "bits_per_byte": total / (n_bytes * math.log(2)),
-            "tokens": n, "bytes": n_bytes, "windows": len(starts), "block_size": block_size,
+            "tokens": n, "bytes": n_bytes, "windows": math.ceil(n / block_size), "block_size": block_size,
             "tokens_per_s": n / elapsed, "elapsed_s": elapsed}
 
 
@@ -169,12 +179,13 @@ def context_use(model: Gemma3, stories: list[list[int]], batch_size: int = 8) ->
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: EvalConfig, device: str = "cpu",
-                        progress: bool = False) -> dict:
-    """``tinygemma eval``: loss, perplexity and bits per byte over ``cfg.split``, plus context use."""
+                        progress: bool = False, dtype: str = "fp32") -> dict:
+    """``tinygemma eval``: loss, perplexity and bits per byte over ``cfg.split``, plus context use, with the
+    weights in ``dtype`` (see :func:`tinygemma.quant.for_inference`)."""
     if cfg.data is None:
         raise UserError("--data is required (a folder made by `tinygemma prepare`)")
     folder = resolve_checkpoint(checkpoint)
-    model = load_checkpoint(folder, device=device)
+    model = load_for_inference(folder, device, dtype)
     block_size = cfg.block_size
     run_config = read_run_config(folder)
     if block_size is None and run_config is not None:  # score as the run was trained
@@ -185,7 +196,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: EvalConfig, device: 
         mc = model.config
         stories = held_out_stories(ds.tokens, mc.eot_token_id, cfg.context_stories, mc.context_length - 1)
         res["context_use"] = context_use(model, stories, cfg.batch_size)
-    return {"checkpoint": str(checkpoint), "data": cfg.data, "split": cfg.split, **res}
+    return {"checkpoint": str(checkpoint), "data": cfg.data, "split": cfg.split, "dtype": dtype, **res}
 
 
 def completion_loss(model: Gemma3, prompt: list[int], completion: list[int]) -> float:

@@ -35,8 +35,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from tinygemma.config import UserError
-from tinygemma.generate import load_checkpoint
 from tinygemma.model import Gemma3
+from tinygemma.quant import load_for_inference
 from tinygemma.rundir import METRICS, display_name, latest_report, read_metrics
 from tinygemma.sampling import SamplingConfig
 from tinygemma.serve.config import ServeConfig, log
@@ -98,13 +98,13 @@ class Studio:
 
     @classmethod
     def load(cls, source: str | Path | Gemma3, cfg: ServeConfig, *, device: str | torch.device,
-             dtype: torch.dtype | None, tokenizer: Tokenizer | None, run_dir: str | Path | None,
+             dtype: str | None, tokenizer: Tokenizer | None, run_dir: str | Path | None,
              model_id: str | None) -> "Studio":
         if isinstance(source, Gemma3):
             model, model_id = source.eval(), model_id or "tinygemma"
         else:
             path = Path(source)
-            model = load_checkpoint(path, device=device, dtype=dtype)
+            model = load_for_inference(path, device, dtype)
             model_id = model_id or display_name(path)
             if run_dir is None and not (path / "config.json").is_file():
                 run_dir = path
@@ -136,10 +136,11 @@ class Studio:
 
 
 def create_app(source: str | Path | Gemma3, config: ServeConfig | None = None, *, device: str = "cpu",
-               dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None,
+               dtype: str | None = None, tokenizer: Tokenizer | None = None,
                run_dir: str | Path | None = None, model_id: str | None = None) -> FastAPI:
-    """The FastAPI app serving a checkpoint/run folder (``source`` a path, loaded in ``dtype``, default the
-    stored one) or an already loaded model.
+    """The FastAPI app serving a checkpoint/run folder (``source`` a path, loaded in ``dtype``: auto, fp32, bf16
+    or int8 as :func:`tinygemma.quant.load_for_inference` takes it, default the stored one) or an already loaded
+    model.
 
     ``run_dir`` (default: ``source`` when it is a run folder) enables the training page.
     """
