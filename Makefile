@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED)/tinystories),)
 export TINYSTORIES_DIR ?= $(SHARED)/tinystories
 endif
 
-.PHONY: setup browser test test-gguf lint demo notebook clean
+.PHONY: setup browser test test-gguf lint demo demo-instruct notebook clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,10 @@ test-gguf: setup
 
 demo: setup
 	bash scripts/demo.sh
+
+# Fine-tunes runs/demo on derived instructions -> runs/demo-instruct (the notebook's section 9); after make demo.
+demo-instruct: setup
+	bash scripts/demo_instruct.sh
 
 # Saves the notebook with the outputs of runs/demo (the paths in them relative to notebooks/).
 notebook: setup

@@ -80,7 +80,7 @@ def test_attention_mass_equals_softmax_qk_by_hand(kind, tokenizer):
         assert beyond and all(m == 0 for m in beyond) and got["by_position"]["64+"] == 0
     else:
         assert got["by_position"]["64+"] > 1e-4
-    assert len(diagnosis_lines(diag)) == 3
+    assert len(diagnosis_lines(diag)) == 4  # header, the layer, the two loss lines
 
 
 def test_word_and_other_story_losses_by_hand(tokenizer):
@@ -99,3 +99,11 @@ def test_word_and_other_story_losses_by_hand(tokenizer):
     assert diag["word_tokens"] == len(words) and diag["other_tokens"] == len(other)
     assert diag["word_loss"] == pytest.approx(losses[[p - 1 for p in words]].mean().item(), rel=1e-5)
     assert diag["other_loss"] == pytest.approx(losses[[p - 1 for p in other]].mean().item(), rel=1e-5)
+    # unasked: the same story after "Story:" alone; its word tokens sit at the same offsets from the story's start
+    bare = record_tokens(tokenizer, Record(story=RECORD.story))
+    bare_ids = torch.tensor(bare.ids)
+    with torch.no_grad():
+        bare_losses = F.cross_entropy(model(bare_ids[None, :-1])[0], bare_ids[1:], reduction="none")
+    at = [bare.story.start + p - rt.story.start - 1 for p in words]
+    assert bare_ids[[a + 1 for a in at]].tolist() == ids[words].tolist()
+    assert diag["word_loss_unasked"] == pytest.approx(bare_losses[at].mean().item(), rel=1e-5)

@@ -89,11 +89,13 @@ def diagnose(model: torch.nn.Module, records: list[Record], n: int, tokenizer: T
     layers = model.model.layers
     mass = torch.zeros(len(layers), len(bins) + 1, dtype=torch.float64)  # summed over heads-averaged queries
     count = torch.zeros(len(bins) + 1, dtype=torch.float64)
-    losses = {"words": [0.0, 0], "other": [0.0, 0]}
+    losses = {"words": [0.0, 0], "other": [0.0, 0], "unasked": [0.0, 0]}
     current: dict = {}
 
     def hook(index: int):
         def pre(attn: Attention, args: tuple) -> None:
+            if current.get("unasked"):  # the control layout's forward: its attention is not measured
+                return
             x, cos, sin, mask = args[:4]
             probs = attention_probs(attn, x, cos, sin, mask)[0]  # (H, T, T)
             onto = probs[:, current["story"], current["instructions"]].sum(-1).mean(0)  # per story position
@@ -119,6 +121,11 @@ def diagnose(model: torch.nn.Module, records: list[Record], n: int, tokenizer: T
             for key, pick in (("words", in_word), ("other", ~in_word)):
                 losses[key][0] += token_loss[pick].double().sum().item()
                 losses[key][1] += int(pick.sum())
+            current["unasked"] = True
+            unasked = unasked_loss(model, tok, record, len(story))  # the same story, "Story:" only
+            current["unasked"] = False
+            losses["unasked"][0] += unasked[in_word].double().sum().item()
+            losses["unasked"][1] += int(in_word.sum())
     finally:
         for h in handles:
             h.remove()
@@ -134,7 +141,18 @@ def diagnose(model: torch.nn.Module, records: list[Record], n: int, tokenizer: T
                    for i, layer in enumerate(layers)],
         "word_loss": losses["words"][0] / max(losses["words"][1], 1), "word_tokens": losses["words"][1],
         "other_loss": losses["other"][0] / max(losses["other"][1], 1), "other_tokens": losses["other"][1],
+        "word_loss_unasked": losses["unasked"][0] / max(losses["unasked"][1], 1),
     }
+
+
+@torch.no_grad()
+def unasked_loss(model: Gemma3, tok: Tokenizer, record: Record, n: int) -> torch.Tensor:
+    """Per-token loss (n,) of the first ``n`` story tokens of ``record`` told with no instruction lines (the
+    control layout): against the loss with them, it shows whether asking for a word raises its probability."""
+    rt = record_tokens(tok, Record(story=record.story))
+    ids = torch.tensor(rt.ids[:model.config.context_length], device=model.lm_head.weight.device)
+    logits = model(ids[None, :-1])[0].float()
+    return F.cross_entropy(logits, ids[1:], reduction="none").cpu()[rt.story.start - 1:rt.story.start - 1 + n]
 
 
 def diagnosis_lines(diag: dict) -> list[str]:
@@ -148,4 +166,6 @@ def diagnosis_lines(diag: dict) -> list[str]:
         lines.append(f"  layer {layer['layer']:>2} {kind:<20} {layer['mass']:.3f}   [{split}]")
     lines.append(f"loss on required words' tokens {diag['word_loss']:.3f} ({diag['word_tokens']:,} tokens), "
                  f"other story tokens {diag['other_loss']:.3f} ({diag['other_tokens']:,})")
+    lines.append(f"the same words' tokens with no instruction lines {diag['word_loss_unasked']:.3f}: asking for a "
+                 f"word lowers its loss by {diag['word_loss_unasked'] - diag['word_loss']:.3f} nats")
     return lines
