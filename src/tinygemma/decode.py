@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from tinygemma.config import UserError
+from tinygemma.device import cache_positions
 from tinygemma.model import FULL, SLIDING, Gemma3
 from tinygemma.sampling import SamplingConfig
 from tinygemma.train.hardware import use_compile
@@ -61,11 +62,6 @@ def row_seed(seed: int | None, sample: int) -> int | None:
     """The seed of the ``sample``-th row (0, 1, ...) of one prompt sampled with ``seed``: distinct per sample and
     independent of the other prompts in the batch (None: each row draws its own random seed)."""
     return None if seed is None else (seed + sample * 0x9E3779B97F4A7C15) % 2**64
-
-
-def bucket(n: int) -> int:
-    """Cache length for ``n`` positions: a power of two, at least 256, so that lengths share a compiled step."""
-    return max(256, 1 << (n - 1).bit_length())
 
 
 # -- caches ----------------------------------------------------------------------------------------------------
@@ -210,7 +206,7 @@ class Decoder:
         if cpu_mode not in CPU_MODES:
             raise ValueError(f"cpu_mode must be one of {CPU_MODES}, got {cpu_mode!r}")
         weight = model.model.embed_tokens.weight  # Linear layers may be swapped (int8): the embedding stays
-        self.model, self.rows, self.max_len = model, rows, min(bucket(max_len), mc.context_length)
+        self.model, self.rows, self.max_len = model, rows, cache_positions(max_len, mc.context_length)
         with torch.inference_mode():
             self.state = self._new_state(weight.device, weight.dtype)
         self._cfg: list[SamplingConfig | None] = [None] * rows  # per slot; None = free

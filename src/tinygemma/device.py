@@ -51,10 +51,18 @@ def check_memory(need: int, device: torch.device, what: str, flag: str) -> None:
                         f"{have / 2**30:,.1f} GiB; lower {flag}")
 
 
+def cache_positions(total: int, context: int) -> int:
+    """Positions a decoder's full-attention caches hold for ``total`` (prompt + new tokens): a power of two, at
+    least 256, at most the context, so that calls of nearby lengths share one compiled decoding step."""
+    return min(max(256, 1 << (total - 1).bit_length()), context)
+
+
 def generation_bytes(mc: ModelConfig, rows: int, total: int, dtype: torch.dtype) -> int:
-    """What :func:`stream` allocates beyond the weights: every layer's key/value buffers (sliding layers hold
-    at most a window) for ``rows`` rows of ``total`` columns, and a float32 row of logits per row."""
+    """What :func:`stream` allocates beyond the weights: every layer's key/value buffers (full layers hold
+    :func:`cache_positions`, sliding layers at most a window) for ``rows`` rows, and a float32 row of logits
+    per row."""
     size = torch.finfo(dtype).bits // 8
+    total = cache_positions(total, mc.context_length)
     cache = sum(min(mc.sliding_window, total) if t == SLIDING else total for t in mc.layer_types)
     return 2 * rows * mc.num_kv_heads * mc.head_dim * cache * size + 4 * rows * mc.vocab_size
 

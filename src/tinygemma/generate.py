@@ -21,7 +21,8 @@ from typing import NamedTuple
 import torch
 
 from tinygemma.config import UserError
-from tinygemma.decode import Decoder, bucket, check_token_ids, row_seed, unwrap
+from tinygemma.decode import Decoder, check_token_ids, row_seed, unwrap
+from tinygemma.device import cache_positions
 from tinygemma.model import Gemma3
 from tinygemma.rundir import resolve_checkpoint
 from tinygemma.sampling import SamplingConfig
@@ -80,7 +81,7 @@ def _decoder(model: Gemma3, rows: int, max_len: int, compile: bool) -> Decoder:
     call of the same shape: CUDA graphs replay over fixed addresses, so new buffers would mean re-recording."""
     kept = getattr(model, "_tinygemma_decoder", None)
     if kept is not None and not kept.active and (kept.rows, kept.max_len, kept.compiled) == \
-            (rows, min(bucket(max_len), model.config.context_length), compile):
+            (rows, cache_positions(max_len, model.config.context_length), compile):
         return kept
     decoder = Decoder(model, rows, max_len, compile=compile)
     if compile:

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tests.train.test_host_sync import install_counter
 from tinygemma.config import UserError
 from tinygemma.decode import CANDIDATES, GREEDY, Decoder, decode_step
+from tinygemma.device import generation_bytes
 from tinygemma.generate import generate_ids
 from tinygemma.model import PRESETS, Gemma3, ModelConfig
 from tinygemma.sampling import SamplingConfig
@@ -127,6 +128,17 @@ def test_compiled_step_gives_the_eager_tokens(model):
         run(d, 30, record)
         out.append(record)
     assert out[0] == out[1]
+
+
+@pytest.mark.parametrize("total", [40, 300, 2000])
+def test_generation_bytes_is_what_a_decoder_allocates(model, total):
+    """The memory check before generating counts the caches the decoder really allocates (full layers bucketed,
+    sliding layers a window), plus one float32 row of logits per row."""
+    mc = model.config
+    total = min(total, mc.context_length)
+    decoder = Decoder(model, rows=3, max_len=total, compile=False)
+    cache = sum(c.k.nbytes + c.v.nbytes for c in decoder.state.caches)
+    assert generation_bytes(mc, 3, total, torch.float32) == cache + 4 * 3 * mc.vocab_size
 
 
 def test_bad_input(model):
