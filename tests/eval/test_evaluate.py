@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from tinygemma.cli import main
 from tinygemma.data.dataset import TokenDataset
 from tinygemma.eval.loss import context_use, evaluate_tokens, held_out_stories
+from tinygemma.eval.ngrams import repeated_ngram_rate
 from tinygemma.eval.samples import (
     mojibake_count,
     nonwords,
     reading_level,
-    repeated_ngram_rate,
     sample_report,
     write_samples_report,
 )

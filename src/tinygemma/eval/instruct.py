@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tinygemma.config import UserError
 from tinygemma.data.instruct import read_records
+from tinygemma.eval.ngrams import repeated_ngram_rate
 from tinygemma.files import atomic_write_text
 from tinygemma.fused import IGNORE_INDEX
 from tinygemma.generate import generate_rows, unwrap
@@ -95,8 +96,6 @@ def evaluate_instructions(model: torch.nn.Module, tokenizer: Tokenizer, data_dir
     if sampling.num_samples != 1:
         raise UserError("instruction evaluation writes one story per record (num_samples must be 1)")
     base_seed = seed if sampling.seed is None else sampling.seed
-    from tinygemma.eval.samples import repeated_ngram_rate  # the samples report's measure (it imports this module)
-
     stories, ended, repeats = [], [], [0, 0]
     for b in range(0, len(records), batch_size):
         prompts = [[tokenizer.eot_id] + tokenizer.encode(r.prompt()) for r in records[b:b + batch_size]]

@@ -16,6 +16,7 @@ from spellchecker import SpellChecker
 from tinygemma.config import UserError
 from tinygemma.eval.instruct import instruct_blocks
 from tinygemma.eval.loss import completion_loss
+from tinygemma.eval.ngrams import repeated_ngram_rate
 from tinygemma.eval.render import format_measure, to_html, to_markdown
 from tinygemma.files import atomic_write_text
 from tinygemma.generate import encode_prompts, generate_rows, unwrap
@@ -28,12 +29,6 @@ REPORT_SEED = 1337  # samples reports are reproducible unless a seed is given
 
 
 # -- samples report --------------------------------------------------------------------------------
-def repeated_ngram_rate(tokens: list[int], n: int = 4) -> tuple[int, int]:
-    """(repeats, total): n-grams that already occurred earlier in the same sample, out of all n-grams."""
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-    return len(grams) - len(set(grams)), len(grams)
-
-
 def mojibake_count(text: str) -> int:
     """Replacement characters (bytes that are not UTF-8) plus ftfy's count of mojibake sequences."""
     return text.count("\ufffd") + badness(text)
