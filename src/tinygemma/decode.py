@@ -83,6 +83,12 @@ class SlotCache:
         self.v[rows, :, at] = v[:, :, 0]
         return self.k, self.v
 
+    def head(self, n: int, pos: torch.Tensor) -> SlotCache:
+        """The first ``n`` rows as views (``pos`` their positions): writes through them land in this cache."""
+        view = object.__new__(SlotCache)
+        view.k, view.v, view.size, view.ring, view.pos = self.k[:n], self.v[:n], self.size, self.ring, pos
+        return view
+
 
 class PrefillCache:
     """Writes a prompt's keys/values into one slot of a :class:`SlotCache` (a ring keeps its last ``size``);
@@ -118,6 +124,12 @@ class DecodeState:
     def tensors(self) -> list[torch.Tensor]:
         return [self.tok, self.pos, self.active, self.temperature, self.top_k, self.top_p, self.seed_lo,
                 self.seed_hi, *(t for c in self.caches for t in (c.k, c.v))]
+
+    def head(self, n: int) -> DecodeState:
+        """The first ``n`` rows as views: a step on them updates this state in place."""
+        pos = self.pos[:n]
+        return DecodeState(self.tok[:n], pos, self.active[:n], self.temperature[:n], self.top_k[:n],
+                           self.top_p[:n], self.seed_lo[:n], self.seed_hi[:n], [c.head(n, pos) for c in self.caches])
 
 
 # -- the step --------------------------------------------------------------------------------------------------
@@ -305,4 +317,9 @@ class Decoder:
             self._left[slot] -= 1
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        return self._step(self.model, self.state, self._variant)
+        if self.compiled:  # one shape for the graph: every slot, in use or not
+            return self._step(self.model, self.state, self._variant)
+        # eager: only the slots up to the last one in use (add fills the lowest free slot), so that one request
+        # on a decoder of 16 rows costs a batch of 1, not 16; the state's token row holds the new tokens
+        self._step(self.model, self.state.head(max(active, default=self.rows - 1) + 1), self._variant)
+        return self.state.tok

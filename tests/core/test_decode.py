@@ -141,6 +141,28 @@ def test_generation_bytes_is_what_a_decoder_allocates(model, total):
     assert generation_bytes(mc, 3, total, torch.float32) == cache + 4 * 3 * mc.vocab_size
 
 
+def test_eager_step_runs_only_the_rows_up_to_the_last_in_use(model):
+    """A lone request on a decoder of 8 rows costs a batch of 1 in eager mode; the rows' tokens are unchanged."""
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        decoder = Decoder(model, rows=8, max_len=64, compile=False)
+        cfg = SamplingConfig(max_new_tokens=8, greedy=True)
+        a = decoder.add(prompts_of([5])[0], cfg)
+        seen.clear()
+        first = decoder.step()[a].item()
+        b = decoder.add(prompts_of([7], seed=2)[0], cfg)
+        decoder.step()
+        decoder.remove(a)
+        decoder.step()
+    finally:
+        handle.remove()
+    assert (a, b) == (0, 1)
+    assert seen == [1, 1, 2, 2]  # a's step; b's prefill; both; b alone, still in slot 1 after slot 0 left
+    alone = generate_ids(model, [prompts_of([5])[0]], cfg)[0]
+    assert first == alone[0]
+
+
 def test_bad_input(model):
     d = Decoder(model, rows=2, max_len=100)
     assert d.max_len == 256  # bucketed
