@@ -23,9 +23,9 @@ def outputs(nb: nbformat.NotebookNode, section: str) -> list[dict]:
     """The outputs of the code cells under the markdown heading that starts with ``section``."""
     found, inside = [], False
     for cell in nb.cells:
-        if cell.cell_type == "markdown":
+        if cell.cell_type == "markdown" and cell.source.startswith("#"):  # a heading; plain text stays inside
             inside = cell.source.startswith(section)
-        elif inside:
+        elif inside and cell.cell_type == "code":
             found += cell.outputs
     assert found, f"no outputs under {section!r}"
     return found
