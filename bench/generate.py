@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tinygemma.decode import GREEDY, Decoder, decode_step
 from tinygemma.generate import generate_ids
 from tinygemma.model import Gemma3, load_model_config
+from tinygemma.quant import weight_bytes
 from tinygemma.sampling import SamplingConfig
 
 PROMPT = "Once upon a time there was a pumpkin."
@@ -94,12 +95,6 @@ def stream_bandwidth(device: str, repeat: int) -> float:
     buf = torch.ones(int(n), device=device)
     buf.sum()
     return buf.numel() * 4 / timed(buf.sum, device, repeat)
-
-
-def weight_bytes(model: Gemma3) -> int:
-    """Bytes a batch-1 decode step reads: every weight once (the tied embedding/head once; the embedding lookup
-    reads one row)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def bandwidth_floor(model: Gemma3, device: str, repeat: int) -> float:

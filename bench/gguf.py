@@ -34,23 +34,22 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path, where its name would shadow the gguf package.
+# Run as a script, this file's folder comes first on sys.path, where its name would shadow the gguf package: it
+# goes last instead, so that `import gguf` finds the package and `generate` (bench/generate.py) still imports.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+    sys.path.append(sys.path.pop(0))
 
 import gguf
 import llama_cpp
 import numpy as np
 import torch
+from generate import OpCount, stream_bandwidth, timed  # bench/generate.py: the same measures
 from torch._inductor import metrics as inductor_metrics
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tinygemma.data.dataset import TokenDataset
 from tinygemma.eval.quality import quality
@@ -81,22 +80,6 @@ class Row:
         return self.tokens_per_s / (1 if self.decoder.startswith("llama.cpp") else self.batch)
 
 
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def stream_bytes_per_s(repeat: int = 5) -> float:
-    """The hardware's streaming-read rate: one ``sum`` over 256 MB, far larger than any cache."""
-    buf = torch.ones(2**26)
-    buf.sum()
-    return buf.nbytes / median_time(buf.sum, repeat)
-
-
 def machine_line(threads: int) -> str:
     cpu = platform.processor() or "CPU"
     try:
@@ -112,16 +95,6 @@ def machine_line(threads: int) -> str:
 def decode(model: Gemma3, prompts: list[list[int]], n: int, compiled: bool) -> list[list[int]]:
     """Greedy decoding of ``n`` tokens per row: the one place that picks tinygemma's decoder."""
     return generate_ids(model, prompts, SamplingConfig(max_new_tokens=n, greedy=True), compile=compiled)
-
-
-class OpCount(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
 
 
 def ops_per_step(model: Gemma3, prompts: list[list[int]], n: int) -> float:
@@ -141,7 +114,7 @@ def tinygemma_row(model: Gemma3, weights: str, prompts: list[list[int]], n: int,
     inductor_metrics.reset()
     decode(model, prompts, n, compiled)  # warm-up; for compiled rows, the compile
     kernels = inductor_metrics.generated_kernel_count if compiled else None
-    rate = len(prompts) * n / median_time(lambda: decode(model, prompts, n, compiled), repeat)
+    rate = len(prompts) * n / timed(lambda: decode(model, prompts, n, compiled), "cpu", repeat)
     ops = None if compiled else ops_per_step(model, prompts, n)
     return Row("tinygemma " + ("compiled" if compiled else "eager"), weights, len(prompts), rate,
                weight_bytes(model), ops, kernels)
@@ -167,7 +140,7 @@ def llama_cpp_row(path: Path, weights: str, prompt: list[int], n: int, sequences
                 llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
 
     run()  # warm-up
-    rate = sequences * n / median_time(run, repeat)
+    rate = sequences * n / timed(run, "cpu", repeat)
     return Row("llama.cpp" + (f" ({sequences} x 1)" if sequences > 1 else ""), weights, sequences, rate,
                gguf_weight_bytes(path))
 
@@ -238,7 +211,7 @@ def main() -> None:
         else:
             torch.manual_seed(0)
             ckpt = Gemma3(load_model_config(args.model)).save_pretrained(Path(tmp) / f"{args.model}-random")
-        stream = stream_bytes_per_s()
+        stream = stream_bandwidth("cpu", 5)
         rows = run(args, ckpt, Path(tmp))
         qual = quality_table(ckpt, args.data, args.positions) if args.data else None
     for r in rows:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tests.core.test_generate import greedy_without_cache
 from tinygemma.cli import main
 from tinygemma.data.dataset import TokenDataset
 from tinygemma.eval.loss import evaluate_tokens
@@ -112,18 +113,6 @@ def test_quality_bounds_on_the_trained_checkpoint(trained, data_dir, dtype):
     assert res["positions"] == 10_000
     assert res["top1_agreement"] >= 0.99, res
     assert abs(res["loss_delta"]) <= 0.02, res
-
-
-@torch.no_grad()
-def greedy_without_cache(model, prompt, n):
-    ids, out = list(prompt), []
-    for _ in range(n):
-        t = int(model(torch.tensor([ids]))[0, -1].argmax())
-        if t == model.config.eot_token_id:
-            break
-        out.append(t)
-        ids.append(t)
-    return out
 
 
 @pytest.mark.parametrize("dtype", ["int8", "bf16"])
