@@ -1,5 +1,10 @@
 """The training memory estimate against what the forward really saves, the micro-batch it picks per GPU, the
-attention-kernel probe and the start line of a CUDA run."""
+attention-kernel probe, the start line of a CUDA run, and huge pages for large CPU buffers."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +176,22 @@ def test_cuda_start_line_on_this_gpu():
     cuda = torch.device("cuda")
     line = cuda_start_line(load_model_config("gemma3-270m"), default_recipe(), cuda, Precision("auto", cuda), True)
     assert "\n" not in line and torch.cuda.get_device_name(cuda) in line and "attention: sliding " in line
+
+
+def test_import_tinygemma_backs_large_cpu_buffers_with_huge_pages():
+    """`import tinygemma` sets THP_MEM_ALLOC_ENABLE=1 before torch allocates, unless the user set it: a 400 MB
+    tensor (a training step's chunk of logits) then faults in as ~200 huge pages instead of ~100,000 4 KB ones."""
+    code = ("import os, resource, tinygemma, torch; faults = lambda: resource.getrusage(resource.RUSAGE_SELF)"
+            ".ru_minflt; f = faults(); t = torch.ones(100_000_000); print(os.environ['THP_MEM_ALLOC_ENABLE'], "
+            "faults() - f)")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    on, off = (subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True)
+               .stdout.split() for e in (env, {**env, "THP_MEM_ALLOC_ENABLE": "0"}))
+    assert on[0] == "1" and off[0] == "0"  # set by default, a user's choice kept
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.is_file() or "[never]" in mode.read_text():
+        pytest.skip("transparent huge pages are off in this kernel")
+    assert int(on[1]) < 5_000
+    if "[madvise]" in mode.read_text():  # with [always] the kernel uses huge pages for both
+        assert int(off[1]) > 50_000
+
