@@ -96,6 +96,24 @@ def test_report_over_two_runs(two_runs, eval_data, tmp_path, browser, capsys, mo
     assert not errors, errors
 
 
+@pytest.mark.slow
+def test_report_reuses_the_runs_eval(short_run, eval_data, tmp_path, capsys):
+    """`tinygemma eval RUN` (fp32) keeps its result where `report` looks, so `make demo` scores the split once:
+    a `--no-compute` report with the same settings shows eval's figures; a bf16 eval is not kept."""
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    flags = ["--data", str(eval_data) + "/", "--context-stories", "5"]  # the report reads the path normalised
+    assert main(["eval", str(run), *flags, "--dtype", "bf16"]) == 0
+    assert not (run / "report_cache.json").exists()
+    assert main(["eval", str(run), *flags, "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert main(["report", str(run), "--out", str(tmp_path / "r"), "--no-compute", *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "eval: not computed yet" not in printed and "samples: not computed yet" in printed
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"{expected['loss']:,.4f}" in md and f"{expected['context_use']['gap']:,.4f}" in md
+
+
 def test_report_bad_input(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "--out is required" in capsys.readouterr().err

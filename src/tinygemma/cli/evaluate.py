@@ -21,6 +21,7 @@ from tinygemma.device import parse_device
 from tinygemma.eval.instruct import evaluate_instructions, summary_lines
 from tinygemma.eval.loss import EvalConfig, evaluate_checkpoint
 from tinygemma.eval.render import format_measure
+from tinygemma.eval.report import remember_eval
 from tinygemma.eval.samples import REPORT_SEED, SAMPLE_MEASURES, read_prompts, write_samples_report
 from tinygemma.files import check_output_file
 from tinygemma.prompts import TUTORIAL_PROMPTS
@@ -47,6 +48,8 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = from_dict(EvalConfig, dataclass_overrides(args, EvalConfig), "eval")
     res = evaluate_checkpoint(args.checkpoint, cfg, parse_device(args.device), progress=not args.json,
                               dtype=args.dtype)
+    if args.dtype == "fp32":
+        remember_eval(args.checkpoint, cfg, res)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0

@@ -95,22 +95,45 @@ def _is_instruct_result(res: object) -> bool:
 def _cached(run: Path, name: str, key: dict, compute) -> dict | None:
     """The result kept under ``name`` in ``RUN/report_cache.json`` for the same ``key``, else ``compute()``
     (kept for next time), or None without ``compute``."""
-    path = run / "report_cache.json"
-    cache = load_json(path) if path.is_file() else {}
-    cache = cache if isinstance(cache, dict) else {}
+    cache = _read_cache(run)
     if isinstance(cache.get(name), dict) and cache[name].get("key") == key:
         return cache[name]["result"]
     if compute is None:
         return None
     result = compute()
-    cache[name] = {"key": key, "result": result}
-    atomic_write_text(path, json.dumps(cache, indent=2) + "\n")
+    _store(run, name, key, result)
     return result
+
+
+def _read_cache(run: Path) -> dict:
+    path = run / "report_cache.json"
+    cache = load_json(path) if path.is_file() else {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _store(run: Path, name: str, key: dict, result: dict) -> None:
+    cache = _read_cache(run)
+    cache[name] = {"key": key, "result": result}
+    atomic_write_text(run / "report_cache.json", json.dumps(cache, indent=2) + "\n")
 
 
 def _file_key(path: Path) -> list:
     st = path.stat()
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _eval_key(ckpt: Path, eval_cfg: EvalConfig) -> dict:
+    return {"weights": _file_key(ckpt / "model.safetensors"), "data": _file_key(Path(eval_cfg.data) / "meta.json"),
+            "config": asdict(eval_cfg)}
+
+
+def remember_eval(run: str | os.PathLike, eval_cfg: EvalConfig, result: dict) -> None:
+    """Keep ``tinygemma eval RUN``'s result (fp32 weights) where ``report`` looks for it, so that a report with
+    the same settings (``make demo``'s) does not score the whole split a second time."""
+    run = Path(run)
+    if rundir.is_run_folder(run) and eval_cfg.data is not None:
+        eval_cfg = EvalConfig(**{**asdict(eval_cfg), "data": str(Path(eval_cfg.data))})  # report's spelling
+        _store(run, "eval", _eval_key(rundir.resolve_checkpoint(run), eval_cfg), result)
 
 
 def collect_run(run: Path, cfg: ReportConfig, device: str = "cpu") -> dict:
@@ -159,14 +182,17 @@ def _evaluate(run: Path, ckpt: Path, run_config: dict, cfg: ReportConfig, device
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     prompts = list(TUTORIAL_PROMPTS)
 
+    data = Path(cfg.data or run_config.get("train", {}).get("data") or "")
+    eval_cfg = EvalConfig(data=str(data), split=cfg.split, context_stories=cfg.context_stories)
+
     def sample() -> dict:
         return sample_report(load_checkpoint(ckpt, device=device), Tokenizer(), prompts, sampling)
 
-    data = Path(cfg.data or run_config.get("train", {}).get("data") or "")
-    eval_cfg = EvalConfig(data=str(data), split=cfg.split, context_stories=cfg.context_stories)
+    def score() -> dict:
+        return evaluate_checkpoint(ckpt, eval_cfg, device)
+
     if (data / "meta.json").is_file():
-        key = {"weights": weights, "data": _file_key(data / "meta.json"), "config": asdict(eval_cfg)}
-        info["eval"] = _maybe(run, "eval", key, lambda: evaluate_checkpoint(ckpt, eval_cfg, device), cfg, info)
+        info["eval"] = _maybe(run, "eval", _eval_key(ckpt, eval_cfg), score, cfg, info)
     else:
         info["problems"].append(f"no prepared data at '{data}' (--data): no whole-split loss or context use")
     key = {"weights": weights, "prompts": prompts, "sampling": asdict(sampling)}
