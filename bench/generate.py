@@ -27,7 +27,6 @@ step (the calls in inductor's generated code: fused kernels, matmuls and other A
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import tempfile
 import time
@@ -36,7 +35,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tinygemma.decode import GREEDY, Decoder, decode_step
+from tinygemma.decode import GREEDY, Decoder, decode_step, kernel_calls
 from tinygemma.generate import generate_ids
 from tinygemma.model import Gemma3, load_model_config
 from tinygemma.quant import weight_bytes
@@ -123,24 +122,14 @@ def eager_ops_per_step(model: Gemma3, rows: int, prompt: list[int]) -> int:
     return count.ops
 
 
-def kernels_in(code: str) -> int | None:
-    """Kernel calls in inductor's generated Python wrapper (None for a C++ one): fused C++/Triton kernels,
-    extern matmuls, ATen fallbacks."""
-    if "def call(" not in code:
-        return None
-    body = code[code.index("def call("):]
-    return len(re.findall(r"^\s+(?:\w+ = )?(?:cpp_fused_\w+\(|triton_\w+\.run\(|extern_kernels\.|torch\.ops\.|aten\.)",
-                          body, re.M))
-
-
 def decoder_speed(model: Gemma3, prompts: list[list[int]], cfg: SamplingConfig, cpu_mode: str, device: str,
                   repeat: int) -> tuple[float, int | None]:
     """tokens/s of the compiled Decoder and the kernels of its step; the first call compiles (untimed)."""
     decoder = Decoder(model, len(prompts), len(prompts[0]) + cfg.max_new_tokens, compile=True, cpu_mode=cpu_mode)
 
-    def call(first: bool = False) -> int:
+    def call(first: bool = False) -> list[str] | None:
         slots = [decoder.add(p, cfg) for p in prompts]
-        kernels = kernels_in(run_and_get_code(decoder.step)[1][-1]) if first else 0
+        kernels = kernel_calls(run_and_get_code(decoder.step)[1][-1]) if first else None
         for _ in range(cfg.max_new_tokens - first):
             decoder.step()
         for s in slots:
@@ -148,7 +137,7 @@ def decoder_speed(model: Gemma3, prompts: list[list[int]], cfg: SamplingConfig, 
         return kernels
 
     kernels = call(first=True)
-    return len(prompts) * cfg.max_new_tokens / timed(call, device, repeat), kernels
+    return len(prompts) * cfg.max_new_tokens / timed(call, device, repeat), None if kernels is None else len(kernels)
 
 
 def run(model_name: str, batches: list[int], args, device: str, dtype: torch.dtype, tokenizer_ids: list[int]) -> list:

@@ -14,9 +14,9 @@ text is ignored, so random weights cannot stop early); speed does not depend on 
 - ms/token: wall time per decoding step, i.e. between two tokens of one row (batch / tokens/s);
 - ATen ops/step: eager rows, the ATen calls dispatched per decoding step, counted with a TorchDispatchMode as
   the difference between a full call and a prefill-only one, over the steps. Compiled rows give the kernels
-  inductor generated for the step instead ("N kernels"): under a TorchDispatchMode dynamo runs the step
-  eagerly, so the mode cannot count a compiled step (a decoder that counts its own dispatches can fill it in
-  ``tinygemma_row``);
+  one compiled step launches instead ("N kernels": ``tinygemma.decode.kernel_calls`` on inductor's generated
+  code, the count the tests bound): under a TorchDispatchMode dynamo runs the step eagerly, so the mode cannot
+  count a compiled step;
 - weight bytes: what one step reads: every matrix it multiplies by (the tied head once) and the norms
   (``tinygemma.quant.weight_bytes``; for GGUF files, the sum of their tensors);
 - % floor: decoding steps per second against the floor, streaming-read bytes/s (a ``sum`` over 256 MB, measured
@@ -49,9 +49,10 @@ import llama_cpp
 import numpy as np
 import torch
 from generate import OpCount, stream_bandwidth, timed  # bench/generate.py: the same measures
-from torch._inductor import metrics as inductor_metrics
+from torch._inductor.utils import run_and_get_code
 
 from tinygemma.data.dataset import TokenDataset
+from tinygemma.decode import kernel_calls
 from tinygemma.eval.quality import quality
 from tinygemma.generate import generate_ids, load_checkpoint
 from tinygemma.gguf_export import export_gguf
@@ -111,9 +112,8 @@ def ops_per_step(model: Gemma3, prompts: list[list[int]], n: int) -> float:
 def tinygemma_row(model: Gemma3, weights: str, prompts: list[list[int]], n: int, compiled: bool,
                   repeat: int) -> Row:
     torch._dynamo.reset()  # each configuration compiles afresh: no recompile limit is reached across them
-    inductor_metrics.reset()
-    decode(model, prompts, n, compiled)  # warm-up; for compiled rows, the compile
-    kernels = inductor_metrics.generated_kernel_count if compiled else None
+    _, codes = run_and_get_code(decode, model, prompts, n, compiled)  # warm-up; for compiled rows, the compile
+    kernels = len(kernel_calls(codes[-1]) or []) if compiled and codes else None
     rate = len(prompts) * n / timed(lambda: decode(model, prompts, n, compiled), "cpu", repeat)
     ops = None if compiled else ops_per_step(model, prompts, n)
     return Row("tinygemma " + ("compiled" if compiled else "eager"), weights, len(prompts), rate,

@@ -20,6 +20,7 @@ then top-p, as in transformers; a greedy row (temperature 0) takes the argmax of
 
 from __future__ import annotations
 
+import re
 import secrets
 import types
 from collections.abc import Callable
@@ -40,6 +41,9 @@ CANDIDATES = 128
 GREEDY = 0  # the step's variant when every row is greedy
 CPU_MODES = ("default", "cpp_wrapper", "max-autotune-no-cudagraphs")  # inductor settings for a CPU step
 M32 = 0xFFFFFFFF
+# a kernel launch in inductor's generated Python wrapper: fused C++/Triton kernels, extern matmuls, ATen fallbacks
+KERNEL_CALL = re.compile(r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|torch\.ops\.[\w.]+"
+                         r"|aten\.[\w.]+)\(", re.M)
 
 
 def unwrap(model: torch.nn.Module) -> Gemma3:
@@ -56,6 +60,15 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
     """Token ids given by a user (prompts as ids) must index the vocabulary."""
     if any(not 0 <= t < vocab_size for t in ids):
         raise UserError(f"token ids must lie in [0, {vocab_size})")
+
+
+def kernel_calls(code: str) -> list[str] | None:
+    """The kernels one run of a compiled graph launches, in order, read from inductor's generated Python wrapper
+    (what ``torch._inductor.utils.run_and_get_code`` returns for the call that compiled it); None for a C++
+    wrapper (``cpu_mode="cpp_wrapper"``). The tests and the benches count a compiled step with this."""
+    if "def call(" not in code:
+        return None
+    return KERNEL_CALL.findall(code[code.index("def call("):])
 
 
 def row_seed(seed: int | None, sample: int) -> int | None:

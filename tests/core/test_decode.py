@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.train.test_host_sync import install_counter
 from tinygemma.config import UserError
-from tinygemma.decode import CANDIDATES, GREEDY, Decoder, decode_step
+from tinygemma.decode import CANDIDATES, GREEDY, Decoder, decode_step, kernel_calls
 from tinygemma.device import generation_bytes
 from tinygemma.generate import generate_ids
 from tinygemma.model import PRESETS, Gemma3, ModelConfig
@@ -296,8 +296,6 @@ def test_compiled_step_of_gemma3_270m_is_at_most_300_kernels():
     """The compiled step of gemma3-270m's graph (18 layers, at a tiny width), a sampling row: the calls in
     inductor's generated code (fused C++ kernels, matmuls, attention, top-k) are at most 300, against ~1,900
     ATen ops eager; and its tokens are the eager step's."""
-    import re
-
     from torch._inductor.utils import run_and_get_code
 
     big = decisive(Gemma3(ModelConfig(**NARROW_270M)))
@@ -307,8 +305,7 @@ def test_compiled_step_of_gemma3_270m_is_at_most_300_kernels():
         d.add([1, 2, 3], SAMPLED, seed=1), d.add([4], GREEDY_CFG)
         out, codes = run_and_get_code(d.step)
         tokens.append([out.tolist()] + [d.step().tolist() for _ in range(5)])
-    call = codes[-1][codes[-1].index("def call("):]
-    kernels = re.findall(r"^\s+(?:\w+ = )?(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.[\w.]+)\(", call, re.M)
+    kernels = kernel_calls(codes[-1])
     print(f"compiled step of gemma3-270m: {len(kernels)} kernel calls")
     assert tokens[0] == tokens[1]
     assert sum(k == "extern_kernels.mm" for k in kernels) == 18 * 7 + 1  # the projections and the head
