@@ -28,9 +28,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
-from tinygemma import rundir
+from tinygemma import rundir  # first: tinygemma turns on huge pages before torch allocates
 from tinygemma.data.config import PrepareConfig
 from tinygemma.data.dataset import TokenDataset
 from tinygemma.data.prepare import prepare
@@ -123,6 +121,7 @@ def run(row: Row, rate: float, args: argparse.Namespace) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     source = "given" if row.name in dict(args.rate) else "probed" + (" (scaled)" if args.reference else "")
     result = {**asdict(row), **row.lrs, "probe_tokens_per_s": rate, "rate_source": source,
+              "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
               "steps": state.step, "tokens": state.tokens,
               "train_s": state.elapsed_s, "load_at_start": load, "load_at_end": os.getloadavg()[0],
               "curve": [(r["elapsed_s"], r["tokens"], r["val_loss"]) for r in records if "val_loss" in r],
@@ -165,14 +164,15 @@ def plot(rows: list[dict], path: Path, best: int) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| row | params | recipe | precision | block x micro | steps | tokens | tokens/s (probe) | wall | load "
-            "| whole val | bits/byte | ends with EOT | rep. 4-grams | distinct-2 | non-words/100 |")
+    head = ("| row | params | recipe | precision | block x micro | steps | tokens | tokens/s (probe) | huge pages "
+            "| wall | load | whole val | bits/byte | ends with EOT | rep. 4-grams | distinct-2 | non-words/100 |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in sorted(rows, key=lambda r: r["val_loss"]):
         s = r["samples"]
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['recipe']} | {r['precision']} | "
                      f"{r['block_size']} x {r['micro_batch']} | {r['steps']:,} | {r['tokens']:,} | "
-                     f"{r['probe_tokens_per_s']:,.0f} | {r['train_s'] / 60:.1f} min | {r['load_at_start']:.1f} | "
+                     f"{r['probe_tokens_per_s']:,.0f} | {'yes' if r.get('huge_pages') else 'no'} | "
+                     f"{r['train_s'] / 60:.1f} min | {r['load_at_start']:.1f} | "
                      f"**{r['val_loss']:.3f}** | {r['bits_per_byte']:.3f} | {s['ended_with_eot']:.0%} | "
                      f"{s['repeated_4gram_rate']:.3f} | {s['distinct_2']:.3f} | {s['nonwords_per_100']:.1f} |")
     return "\n".join(lines)
@@ -217,6 +217,8 @@ def main() -> None:
         print(f"{name}: whole val {rows[-1]['val_loss']:.4f} after {rows[-1]['tokens']:,} tokens "
               f"({rows[-1]['train_s'] / 60:.1f} min)", flush=True)
     plot(rows, Path(args.plot), args.best)
+    import torch  # imported by tinygemma above, after it set THP_MEM_ALLOC_ENABLE
+
     print(f"\n{args.minutes:g} min of training per row, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs; plot: {args.plot}\n")
     print(table(rows))
