@@ -1,6 +1,7 @@
 """`make demo`'s script end to end, shortened: prepare, train, eval, samples report, plots, a story, the results
 page."""
 
+import json
 import os
 import subprocess
 import sys
@@ -28,8 +29,14 @@ def test_demo_script_runs_end_to_end(tmp_path, sample_dir):
     assert "done: step 20, 40,960 tokens" in proc.stdout  # a fixed number of tokens, not a time budget
     assert "training took" in proc.stdout and "the demo took" in proc.stdout
     assert "val: loss" in proc.stdout and "perplexity" in proc.stdout
+    val_loss = proc.stdout.split("val: loss ", 1)[1].split()[0]
     assert "Once upon a time there was a pumpkin." in proc.stdout
     run = tmp_path / "run"
     for name in ("best/model.safetensors", "best/tokenizer.json", "best/README.md", "metrics.jsonl", "loss.png",
                  "lr.png", "grad_norm.png", "samples.md", "samples.html", "report/report.md", "report/report.html"):
         assert (run / name).is_file(), name
+    # the report took the whole-split figures `tinygemma eval RUN` kept (its checkpoint field names the run
+    # folder; the report's own evaluation would name the checkpoint folder): the split is scored once
+    cached = json.loads((run / "report_cache.json").read_text())["eval"]["result"]
+    assert cached["checkpoint"] == str(run) and f"{cached['loss']:.4f}" == val_loss
+    assert val_loss in (run / "report" / "report.md").read_text()

@@ -105,6 +105,7 @@ def test_report_reuses_the_runs_eval(short_run, eval_data, tmp_path, capsys):
     flags = ["--data", str(eval_data) + "/", "--context-stories", "5"]  # the report reads the path normalised
     assert main(["eval", str(run), *flags, "--dtype", "bf16"]) == 0
     assert not (run / "report_cache.json").exists()
+    capsys.readouterr()
     assert main(["eval", str(run), *flags, "--json"]) == 0
     expected = json.loads(capsys.readouterr().out)
     assert main(["report", str(run), "--out", str(tmp_path / "r"), "--no-compute", *flags]) == 0
