@@ -113,7 +113,8 @@ def tinygemma_row(model: Gemma3, weights: str, prompts: list[list[int]], n: int,
                   repeat: int) -> Row:
     torch._dynamo.reset()  # each configuration compiles afresh: no recompile limit is reached across them
     _, codes = run_and_get_code(decode, model, prompts, n, compiled)  # warm-up; for compiled rows, the compile
-    kernels = len(kernel_calls(codes[-1]) or []) if compiled and codes else None
+    calls = kernel_calls(codes[-1]) if compiled and codes else None
+    kernels = None if calls is None else len(calls)
     rate = len(prompts) * n / timed(lambda: decode(model, prompts, n, compiled), "cpu", repeat)
     ops = None if compiled else ops_per_step(model, prompts, n)
     return Row("tinygemma " + ("compiled" if compiled else "eager"), weights, len(prompts), rate,

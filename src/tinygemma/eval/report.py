@@ -122,9 +122,10 @@ def _file_key(path: Path) -> list:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
-def _eval_key(ckpt: Path, eval_cfg: EvalConfig) -> dict:
-    return {"weights": _file_key(ckpt / "model.safetensors"), "data": _file_key(Path(eval_cfg.data) / "meta.json"),
-            "config": asdict(eval_cfg)}
+def _eval_key(weights: list, eval_cfg: EvalConfig) -> dict:
+    """The data is keyed by its resolved meta.json, not by how ``--data`` was spelled."""
+    config = {k: v for k, v in asdict(eval_cfg).items() if k != "data"}
+    return {"weights": weights, "data": _file_key(Path(eval_cfg.data) / "meta.json"), "config": config}
 
 
 def remember_eval(run: str | os.PathLike, eval_cfg: EvalConfig, result: dict) -> None:
@@ -132,8 +133,8 @@ def remember_eval(run: str | os.PathLike, eval_cfg: EvalConfig, result: dict) ->
     the same settings (``make demo``'s) does not score the whole split a second time."""
     run = Path(run)
     if rundir.is_run_folder(run) and eval_cfg.data is not None:
-        eval_cfg = EvalConfig(**{**asdict(eval_cfg), "data": str(Path(eval_cfg.data))})  # report's spelling
-        _store(run, "eval", _eval_key(rundir.resolve_checkpoint(run), eval_cfg), result)
+        weights = _file_key(rundir.resolve_checkpoint(run) / "model.safetensors")
+        _store(run, "eval", _eval_key(weights, eval_cfg), result)
 
 
 def collect_run(run: Path, cfg: ReportConfig, device: str = "cpu") -> dict:
@@ -192,7 +193,7 @@ def _evaluate(run: Path, ckpt: Path, run_config: dict, cfg: ReportConfig, device
         return evaluate_checkpoint(ckpt, eval_cfg, device)
 
     if (data / "meta.json").is_file():
-        info["eval"] = _maybe(run, "eval", _eval_key(ckpt, eval_cfg), score, cfg, info)
+        info["eval"] = _maybe(run, "eval", _eval_key(weights, eval_cfg), score, cfg, info)
     else:
         info["problems"].append(f"no prepared data at '{data}' (--data): no whole-split loss or context use")
     key = {"weights": weights, "prompts": prompts, "sampling": asdict(sampling)}
